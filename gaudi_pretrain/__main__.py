@@ -1,0 +1,3 @@
+from gaudi_pretrain.cli import main
+
+raise SystemExit(main())
