@@ -283,13 +283,14 @@ def check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
     return derived
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, world_size: int, clip_in_engine: bool = True) -> dict[str, Any]:
+    """The DeepSpeed dict; `clip_in_engine=False` when the backend clips itself (fused clip norm)."""
     t = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": check_batch_geometry(cfg, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": t.grad_clip if clip_in_engine else 0.0,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,  # our own metrics do the logging

@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine (README): `make demo` and `make test`.
+# Each sets up .venv itself. torch: a CPU build is installed only when the venv has no torch
+# (override TORCH_SPEC for another build); a Gaudi or CUDA image keeps its own torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?= -m "not slow"
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test test-all setup setup-dev clean
+
+demo: $(VENV)/.installed
+	$(BIN)/gaudi-pretrain demo --out $(DEMO_OUT)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) -e ".[dev,mpi]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs
