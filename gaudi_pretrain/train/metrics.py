@@ -1,0 +1,115 @@
+"""Training metrics: device-side accumulation, one reduction per log step, JSONL + TensorBoard output.
+
+Per-step `.item()` calls force a host sync (costly in HPU lazy mode), so step results are summed into a
+device tensor and read only on the logging cadence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Order of the device-side sums kept between log steps.
+SUM_FIELDS = ("loss", "mlm_loss", "itm_loss", "mlm_correct", "mlm_count", "itm_correct", "itm_count", "micro_steps")
+
+
+class StepAccumulator:
+    """Sums a training step's outputs on the device; `reduce()` returns global means and resets."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
+
+    def add(self, out: Any) -> None:
+        values = torch.stack(
+            [
+                out.loss.detach().double(),
+                out.mlm_loss.detach().double(),
+                out.itm_loss.detach().double(),
+                out.mlm_correct.detach().double(),
+                out.mlm_count.detach().double(),
+                out.itm_correct.detach().double(),
+                out.itm_count.detach().double(),
+                torch.ones((), dtype=torch.float64, device=self.device),
+            ]
+        )
+        self.sums += values
+
+    def reduce(self) -> dict[str, float]:
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        self.sums.zero_()
+        s = dict(zip(SUM_FIELDS, sums.tolist()))
+        steps = max(s["micro_steps"], 1.0)
+        return {
+            "loss": s["loss"] / steps,
+            "mlm_loss": s["mlm_loss"] / steps,
+            "itm_loss": s["itm_loss"] / steps,
+            "mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1.0),
+            "itm_acc": s["itm_correct"] / max(s["itm_count"], 1.0),
+        }
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum host-side counters (skipped samples, data-wait seconds) across ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Throughput:
+    """Wall time and data-wait time between two log steps."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+
+    def reset(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        elapsed, wait = now - self.start, self.data_wait
+        self.start, self.data_wait = now, 0.0
+        return elapsed, wait
+
+
+class MetricsWriter:
+    """Rank 0 writes `<run>/metrics.jsonl` (one JSON object per line) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
