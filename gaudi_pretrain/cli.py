@@ -17,6 +17,7 @@ from gaudi_pretrain.errors import GaudiPretrainError
 # Modules that provide `register(subparsers)`; each adds its subcommands with a `handler`.
 COMMAND_MODULES = [
     "gaudi_pretrain.train.commands",
+    "gaudi_pretrain.data.commands",
 ]
 
 

@@ -1,0 +1,359 @@
+"""Shards → fixed-shape ITM+MLM batches, split exactly across ranks and loader workers, exactly resumable.
+
+Why not `webdataset.WebDataset(...)` end to end: it splits work by whole shards (nodesplitter /
+workersplitter), so with unequal shard sizes ranks get unequal sample counts, and a rank or worker
+that runs dry hangs the collective. Here the split is by sample index instead (webdataset's tar
+conventions and URL opener are kept, see `shards.py`):
+
+1. Plan an epoch (from seed and epoch only): the shard order (a permutation; with `resampled`, shards
+   drawn with replacement up to the same total) → a concatenated sample index range [0, N).
+2. Cut it into P = world_size × workers contiguous ranges of floor/ceil(N/P) samples; logical worker
+   g = rank × workers + worker reads range g, which may start and end mid-shard (members before the
+   start are skipped without reading them).
+3. Shuffle inside each worker's range in blocks of `data.shuffle_buffer` samples (a seeded permutation
+   per block): a streaming shuffle buffer would not be exactly resumable without replaying the stream.
+   Shard order is permuted per epoch, so the mix is comparable to webdataset's buffer shuffle.
+4. Every worker yields exactly ceil(ceil(N/P) / B) batches per epoch, batching in the worker (the
+   DataLoader uses batch_size=None and its deterministic round-robin over workers). A worker that runs
+   short (remainder, corrupt samples) fills its last batches with padding rows (sample_mask False).
+   So every rank yields the same number of batches, and each sample is used exactly once per epoch.
+5. MLM masks and ITM negatives are drawn from a generator seeded by (seed, epoch, worker, batch), so a
+   resumed loader needs only a cursor per worker: (epoch, next batch, input position in its range).
+
+Corrupt or incomplete samples (bad image bytes, missing caption or image, truncated or short shards)
+are skipped and counted in the batch's `skipped` field; the count is exact relative to the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from gaudi_pretrain.data.masking import itm_negatives, mask_tokens
+from gaudi_pretrain.data.shards import (
+    IMAGE_EXTS,
+    ReadReport,
+    caption_of,
+    iter_samples,
+    resolve_shards,
+    shard_sample_counts,
+)
+from gaudi_pretrain.data.transforms import decode_image, normalize_images, tokenize
+from gaudi_pretrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_READ_EXTS = ("txt", "json") + IMAGE_EXTS
+_TAG_ORDER, _TAG_BLOCK, _TAG_BATCH = 1, 2, 3  # keep the seeded streams independent
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy]))
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a worker needs (picklable; identical on every rank except `rank`)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers per rank (>= 1; 1 when the DataLoader runs in-process)
+    batch_size: int
+    image_size: int
+    max_text_len: int
+    shuffle: bool
+    shuffle_buffer: int
+    resampled: bool
+    mlm_probability: float
+    itm_negative_prob: float
+    split_tag: int  # 0 train, 1 eval: different seeded streams
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def parts(self) -> int:
+        return self.world_size * self.workers
+
+    @property
+    def worker_batches(self) -> int:
+        """Batches each worker yields per epoch (the same for all)."""
+        return max(1, math.ceil(math.ceil(self.num_samples / self.parts) / self.batch_size))
+
+    def epoch_segments(self, epoch: int) -> list[tuple[int, int, int]]:
+        """The epoch's sample order as (shard index, first, stop) segments covering exactly N samples."""
+        nonempty = [i for i, c in enumerate(self.counts) if c > 0]
+        rng = _rng(self.seed, self.split_tag, _TAG_ORDER, epoch)
+        if not self.resampled:
+            order = [nonempty[i] for i in rng.permutation(len(nonempty))] if self.shuffle else nonempty
+            return [(k, 0, self.counts[k]) for k in order]
+        segments, total = [], 0
+        while total < self.num_samples:  # shards drawn with replacement, the last one cut to make N
+            k = nonempty[int(rng.integers(len(nonempty)))]
+            take = min(self.counts[k], self.num_samples - total)
+            segments.append((k, 0, take))
+            total += take
+        return segments
+
+    def worker_range(self, logical_worker: int) -> tuple[int, int]:
+        g = self.rank * self.workers + logical_worker
+        n, p = self.num_samples, self.parts
+        return g * n // p, (g + 1) * n // p
+
+
+# ---------------------------------------------------------------------------------------- worker
+
+
+class _BatchMaker:
+    """Turns decoded rows into the contract's fixed-shape batch (in a worker)."""
+
+    def __init__(self, spec: LoaderSpec, tokenizer: Any):
+        self.spec, self.tok = spec, tokenizer
+        self.special_ids = sorted(set(tokenizer.all_special_ids) | {tokenizer.pad_token_id})
+        vocab = np.arange(len(tokenizer), dtype=np.int64)
+        self.random_ids = vocab[~np.isin(vocab, self.special_ids)]
+        self.mask_id = tokenizer.mask_token_id
+
+    def __call__(self, rows: list[tuple[str, str, np.ndarray]], rng: np.random.Generator) -> dict[str, Any]:
+        b, s = self.spec.batch_size, self.spec.image_size
+        n = len(rows)
+        images = np.zeros((b, s, s, 3), dtype=np.uint8)
+        keys, captions = [""] * b, [""] * b  # padding rows: empty caption → "<s></s><pad>…"
+        for i, (key, caption, image) in enumerate(rows):
+            images[i], keys[i], captions[i] = image, key, caption
+        valid = np.arange(b) < n
+        input_ids, attention = tokenize(self.tok, captions, self.spec.max_text_len)
+        mlm_ids, mlm_labels = mask_tokens(
+            input_ids, special_ids=self.special_ids, mask_id=self.mask_id, random_ids=self.random_ids,
+            probability=self.spec.mlm_probability, rng=rng, valid=valid,
+        )
+        itm_index, itm_labels = itm_negatives(valid, captions, negative_prob=self.spec.itm_negative_prob, rng=rng)
+        pixels = normalize_images(images)
+        pixels[n:] = 0.0
+        return {
+            "pixel_values": pixels,
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention),
+            "mlm_input_ids": torch.from_numpy(mlm_ids),
+            "mlm_labels": torch.from_numpy(mlm_labels),
+            "itm_image_index": torch.from_numpy(itm_index),
+            "itm_labels": torch.from_numpy(itm_labels),
+            "sample_mask": torch.from_numpy(valid),
+            "keys": keys,
+        }
+
+
+def _raw_samples(spec: LoaderSpec, segments: list[tuple[int, int, int]], lo: int, hi: int) -> Iterator[Any]:
+    """One item per sample index in [lo, hi) of the epoch order: (key, parts) or None if missing."""
+    offset = 0
+    for shard, first, stop in segments:
+        seg_lo, seg_hi = max(lo, offset), min(hi, offset + stop - first)
+        if seg_lo < seg_hi:
+            start, end = first + seg_lo - offset, first + seg_hi - offset
+            url, report, got = spec.urls[shard], ReadReport(), 0
+            for _, key, parts in iter_samples(url, start, end, read_exts=_READ_EXTS, report=report):
+                got += 1
+                yield key, parts
+            if report.error:
+                log.warning("shard %s: %s", url, report.error)
+            for _ in range(end - start - got):  # truncated shard or fewer samples than counted
+                yield None
+        offset += stop - first
+        if offset >= hi:
+            return
+
+
+def _decode(item: Any, size: int) -> tuple[str, str, np.ndarray] | None:
+    if item is None:
+        return None
+    key, parts = item
+    caption = caption_of(parts)
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    if caption is None or image is None:
+        return None
+    try:
+        return key, caption, decode_image(image, size)
+    except Exception:  # PIL raises many types on bad bytes; a corrupt sample is skipped, never fatal
+        return None
+
+
+def _block_size(spec: LoaderSpec) -> int:
+    return spec.shuffle_buffer if spec.shuffle and spec.shuffle_buffer > 1 else 1
+
+
+def _shuffled_range(spec: LoaderSpec, epoch: int, g: int, length: int, pos0: int,
+                    raw: Iterator[Any]) -> Iterator[Any]:
+    """Yield the worker's items from position pos0 on, in block-shuffled order (raw = natural order
+    starting at the block that holds pos0)."""
+    block = _block_size(spec)
+    for b in count(pos0 // block):
+        lo = b * block
+        if lo >= length:
+            return
+        items = [next(raw) for _ in range(min(block, length - lo))]
+        order = _rng(spec.seed, spec.split_tag, _TAG_BLOCK, epoch, g, b).permutation(len(items)) \
+            if block > 1 else range(len(items))
+        for j, idx in enumerate(order):
+            if lo + j >= pos0:
+                yield items[idx]
+
+
+def iter_worker_batches(spec: LoaderSpec, tokenizer: Any, logical_worker: int,
+                        cursor: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """The infinite batch stream of one logical worker, starting at `cursor` (epoch, batch, pos)."""
+    make = _BatchMaker(spec, tokenizer)
+    g = spec.rank * spec.workers + logical_worker
+    nb = spec.worker_batches
+    for epoch in count(cursor["epoch"]):
+        first = epoch == cursor["epoch"]
+        k0, pos = (cursor["batch"], cursor["pos"]) if first else (0, 0)
+        lo, hi = spec.worker_range(logical_worker)
+        length = hi - lo
+        block = _block_size(spec)
+        raw_from = lo + min(pos // block * block, length)
+        raw = _raw_samples(spec, spec.epoch_segments(epoch), raw_from, hi)
+        items = _shuffled_range(spec, epoch, g, length, pos, raw)
+        for k in range(k0, nb):
+            rows: list[tuple[str, str, np.ndarray]] = []
+            skipped = 0
+            # The last batch drains the range, so trailing corrupt samples are still counted.
+            while pos < length and (len(rows) < spec.batch_size or k == nb - 1):
+                sample = _decode(next(items), spec.image_size)
+                pos += 1
+                if sample is None:
+                    skipped += 1
+                elif len(rows) < spec.batch_size:
+                    rows.append(sample)
+                else:  # impossible by construction (nb * B >= range length); fail loudly if not
+                    raise RuntimeError("data plan error: more samples than batches")
+            batch = make(rows, _rng(spec.seed, spec.split_tag, _TAG_BATCH, epoch, g, k))
+            batch["skipped"] = torch.tensor(skipped, dtype=torch.int64)
+            batch["_cursor"] = {"worker": logical_worker, "epoch": epoch, "batch": k, "pos": pos}
+            yield batch
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """DataLoader worker w serves logical worker (w + offset) % workers: after a resume the
+    DataLoader's round-robin restarts at worker 0, the rank's batch order must not.
+    A module-level class, so it also pickles under the spawn start method (macOS, Windows)."""
+
+    def __init__(self, spec: LoaderSpec, tokenizer: Any, cursors: list[dict[str, int]], offset: int):
+        self.spec, self.tokenizer, self.cursors, self.offset = spec, tokenizer, cursors, offset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        w = ((info.id if info is not None else 0) + self.offset) % self.spec.workers
+        return iter_worker_batches(self.spec, self.tokenizer, w, self.cursors[w])
+
+
+# ---------------------------------------------------------------------------------------- loader
+
+
+class PretrainLoader:
+    """An infinite iterable of batches for one rank, with `batches_per_epoch`, `state_dict()` and
+    `load_state_dict()`. Each `iter()` continues from the current cursor: the state saved after
+    batch k makes a fresh loader yield batch k+1 next, with the same keys and masks."""
+
+    def __init__(self, spec: LoaderSpec, tokenizer: Any, num_workers: int, prefetch_factor: int,
+                 epoch_offset: int = 0):
+        self.spec, self.tokenizer = spec, tokenizer
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.batches_per_epoch = spec.workers * spec.worker_batches
+        self.samples_per_epoch = spec.num_samples
+        self._consumed = 0
+        self._cursors = [{"epoch": epoch_offset, "batch": 0, "pos": 0} for _ in range(spec.workers)]
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self._cursors[self._consumed % self.spec.workers]["epoch"]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        offset = self._consumed % spec.workers
+        dataset = _BatchStream(spec, self.tokenizer, [dict(c) for c in self._cursors], offset)
+        if self.num_workers == 0:
+            stream: Any = iter(dataset)
+        else:
+            stream = iter(torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+            ))
+        for batch in stream:
+            cur = batch.pop("_cursor")
+            expected = self._consumed % spec.workers
+            if cur["worker"] != expected:
+                raise RuntimeError(f"data loader order broke: batch from worker {cur['worker']}, expected {expected}")
+            done = cur["batch"] + 1 == spec.worker_batches
+            self._cursors[expected] = (
+                {"epoch": cur["epoch"] + 1, "batch": 0, "pos": 0} if done
+                else {"epoch": cur["epoch"], "batch": cur["batch"] + 1, "pos": cur["pos"]}
+            )
+            self._consumed += 1
+            yield batch
+
+    # ------------------------------------------------------------------------------ resume
+
+    def _geometry(self) -> dict[str, Any]:
+        s = self.spec
+        return {"rank": s.rank, "world_size": s.world_size, "workers": s.workers, "batch_size": s.batch_size,
+                "num_samples": s.num_samples, "num_shards": len(s.urls), "seed": s.seed,
+                "resampled": s.resampled, "shuffle_buffer": s.shuffle_buffer if s.shuffle else 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable cursor of this rank (take it after the batch you consumed last)."""
+        return {"version": STATE_VERSION, **self._geometry(), "batches_consumed": self._consumed,
+                "epoch": self.epoch, "workers_state": [dict(c) for c in self._cursors]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
+        mine = self._geometry()
+        diff = [f"{k} {state.get(k)!r} → {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise DataError("cannot resume the data stream exactly, its layout changed: " + ", ".join(diff))
+        self._consumed = int(state["batches_consumed"])
+        self._cursors = [{k: int(c[k]) for k in ("epoch", "batch", "pos")} for c in state["workers_state"]]
+
+
+def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, split: str = "train",
+                 epoch_offset: int = 0) -> PretrainLoader:
+    """The rank's batch stream over `cfg.data.{train,eval}_shards` (see the module docstring)."""
+    if split not in ("train", "eval"):
+        raise DataError(f"unknown split '{split}' (train or eval)")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} outside world size {world_size}")
+    d = cfg.data
+    specs = d.train_shards if split == "train" else d.eval_shards
+    if not specs:
+        raise DataError(f"data.{split}_shards is empty")
+    urls = resolve_shards(specs, d.allow_pipe_urls)
+    counts = shard_sample_counts(urls)
+    if sum(counts) == 0:
+        raise DataError(f"the shards of data.{split}_shards ({specs}) hold no samples")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer ran
+    train = split == "train"
+    spec = LoaderSpec(
+        urls=tuple(urls), counts=tuple(counts), seed=cfg.train.seed, rank=rank, world_size=world_size,
+        workers=max(1, d.num_workers), batch_size=cfg.train.micro_batch_size,
+        image_size=cfg.model.vision.image_size, max_text_len=d.max_text_len,
+        shuffle=train, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled and train,
+        mlm_probability=d.mlm_probability, itm_negative_prob=d.itm_negative_prob, split_tag=0 if train else 1,
+    )
+    return PretrainLoader(spec, tokenizer, d.num_workers, d.prefetch_factor, epoch_offset)
+

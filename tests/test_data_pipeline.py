@@ -1,0 +1,249 @@
+"""Data pipeline: exact split across ranks/workers, exact resume, corrupt data, foreign tar layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gaudi_pretrain.config import validate_config
+from gaudi_pretrain.data.pipeline import build_loader
+from gaudi_pretrain.errors import DataError
+
+pytestmark = pytest.mark.timeout(120)
+
+IMAGE = 16
+WORDS = ["red", "green", "blue", "circle", "square", "left", "right", "top", "bottom"]
+
+
+def _jpeg(seed: int, size: int = 20) -> bytes:
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size + 4, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _caption(i: int) -> str:
+    return "a " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 4))
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A plain tar written with tarfile (not our builder)."""
+    with tarfile.open(path, "w") as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def good(key: str, i: int) -> tuple[str, dict[str, bytes]]:
+    return key, {"jpg": _jpeg(i), "txt": _caption(i).encode()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from gaudi_pretrain.data.tokenizer import train_demo_tokenizer
+
+    texts = [_caption(i) for i in range(40)]
+    return train_demo_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def unequal_shards(tmp_path_factory) -> tuple[Path, set[str]]:
+    """5 shards of unequal sizes (one empty) with unique keys."""
+    root = tmp_path_factory.mktemp("unequal")
+    keys: set[str] = set()
+    for s, n in enumerate([29, 5, 0, 17, 11]):
+        samples = [good(f"s{s}_{i:04d}", s * 100 + i) for i in range(n)]
+        keys.update(k for k, _ in samples)
+        write_tar(root / f"{s:05d}.tar", samples)
+    return root, keys
+
+
+def make_cfg(shards, batch=4, workers=2, **data):
+    raw = {
+        "model": {
+            "hidden_size": 64, "num_attention_heads": 2,
+            "text": {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 128, "max_position_embeddings": 40},
+            "vision": {"hidden_size": 64, "num_hidden_layers": 1, "patch_size": 8, "image_size": IMAGE},
+        },
+        "data": {"train_shards": [str(s) for s in shards], "eval_shards": [str(s) for s in shards],
+                 "max_text_len": 12, "num_workers": workers, "shuffle_buffer": 7, "resampled": False,
+                 "prefetch_factor": 2, **data},
+        "train": {"micro_batch_size": batch, "seed": 3},
+    }
+    return validate_config(raw)
+
+
+def take(loader, n: int) -> list[dict]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def check_batch_contract(batch: dict, batch_size: int, max_len: int) -> None:
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels",
+                          "itm_image_index", "itm_labels", "sample_mask", "keys", "skipped"}
+    assert batch["pixel_values"].shape == (batch_size, 3, IMAGE, IMAGE)
+    assert batch["pixel_values"].dtype == torch.float32
+    for k in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
+        assert batch[k].shape == (batch_size, max_len) and batch[k].dtype == torch.int64
+    for k in ("itm_image_index", "itm_labels"):
+        assert batch[k].shape == (batch_size,) and batch[k].dtype == torch.int64
+    assert batch["sample_mask"].dtype == torch.bool and len(batch["keys"]) == batch_size
+    assert batch["skipped"].shape == () and batch["skipped"].dtype == torch.int64
+    pad = ~batch["sample_mask"]
+    assert (batch["mlm_labels"][pad] == -100).all() and (batch["itm_labels"][pad] == -100).all()
+    assert all(k == "" for k, p in zip(batch["keys"], pad) if p)
+    idx, valid = batch["itm_image_index"], batch["sample_mask"]
+    neg = batch["itm_labels"] == 0
+    assert (idx[neg] != torch.arange(batch_size)[neg]).all() and valid[idx[neg]].all()
+    assert (idx[batch["itm_labels"] == 1] == torch.arange(batch_size)[batch["itm_labels"] == 1]).all()
+
+
+def test_two_ranks_two_workers_cover_dataset_exactly_once(unequal_shards, tokenizer):
+    root, keys = unequal_shards
+    cfg = make_cfg([f"{root}/*.tar"], batch=4, workers=2)
+    per_rank, counts = [], []
+    for rank in (0, 1):
+        loader = build_loader(cfg, tokenizer, rank=rank, world_size=2)
+        batches = take(loader, loader.batches_per_epoch)
+        for b in batches:
+            check_batch_contract(b, 4, 12)
+        counts.append(len(batches))
+        per_rank.append([k for b in batches for k in b["keys"] if k])
+        assert sum(int(b["skipped"]) for b in batches) == 0
+    # 62 samples / 4 workers → ranges of 15-16, ceil(16/4) = 4 batches per worker, 8 per rank
+    assert counts == [8, 8]
+    union = per_rank[0] + per_rank[1]
+    assert len(union) == len(set(union)) == len(keys) and set(union) == keys
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+
+
+def test_epochs_reshuffle_and_resampled_mode_is_fixed_size(unequal_shards, tokenizer):
+    root, keys = unequal_shards
+    loader = build_loader(make_cfg([root], workers=0), tokenizer)
+    n = loader.batches_per_epoch
+    batches = take(loader, 2 * n)
+    first = [k for b in batches[:n] for k in b["keys"] if k]
+    second = [k for b in batches[n:] for k in b["keys"] if k]
+    assert sorted(first) == sorted(second) == sorted(keys) and first != second
+    resampled = build_loader(make_cfg([root], workers=0, resampled=True), tokenizer)
+    assert resampled.batches_per_epoch == n
+    got = take(resampled, 2 * n)
+    assert sum(int(b["sample_mask"].sum()) for b in got[:n]) == len(keys)
+    assert all(k in keys for b in got for k in b["keys"] if k)
+
+
+def _signature(batch: dict) -> tuple:
+    return (tuple(batch["keys"]), batch["mlm_input_ids"].tolist(), batch["mlm_labels"].tolist(),
+            batch["itm_image_index"].tolist(), int(batch["skipped"]), float(batch["pixel_values"].sum()))
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_continues_with_identical_batches(unequal_shards, tokenizer, tmp_path, resampled):
+    root, _ = unequal_shards
+    shards = [f"{root}/0000{{0..4}}.tar", write_tar(tmp_path / "bad.tar", [
+        good("b_0000", 900), ("b_0001", {"jpg": b"not a jpeg", "txt": b"a red"}), good("b_0002", 902)])]
+    cfg = make_cfg(shards, batch=4, workers=2, resampled=resampled)
+    loader = build_loader(cfg, tokenizer)
+    total = loader.batches_per_epoch + 5  # crosses an epoch boundary
+    it, reference, states = iter(loader), [], {}
+    for i in range(total):
+        reference.append(_signature(next(it)))
+        states[i] = json.loads(json.dumps(loader.state_dict()))  # must be JSON-serialisable
+    del it
+    assert sum(r[4] for r in reference[: loader.batches_per_epoch]) == 1  # the corrupt jpeg
+    for k in (2, loader.batches_per_epoch - 1):  # odd batch (worker offset) and epoch end
+        fresh = build_loader(cfg, tokenizer)
+        fresh.load_state_dict(states[k])
+        resumed = [_signature(b) for b in take(fresh, total - k - 1)]
+        assert resumed == reference[k + 1:]
+
+
+def test_resume_refuses_a_changed_layout(unequal_shards, tokenizer):
+    root, _ = unequal_shards
+    state = build_loader(make_cfg([root], workers=2), tokenizer).state_dict()
+    other = build_loader(make_cfg([root], workers=1), tokenizer)
+    with pytest.raises(DataError, match="workers"):
+        other.load_state_dict(state)
+
+
+def test_corrupt_missing_truncated_and_empty_shards_are_skipped_and_counted(tmp_path, tokenizer):
+    ok = [good(f"a_{i:03d}", i) for i in range(6)]
+    broken = [
+        good("c_000", 50),
+        ("c_001", {"jpg": _jpeg(51)[:40], "txt": b"a truncated jpeg"}),
+        ("c_002", {"jpg": b"\xff\xd8garbage", "txt": b"corrupt bytes"}),
+        ("c_003", {"jpg": _jpeg(53)}),  # missing caption
+        ("c_004", {"txt": b"missing image"}),
+        good("c_005", 55),
+    ]
+    write_tar(tmp_path / "a.tar", ok)
+    write_tar(tmp_path / "c.tar", broken)
+    full = write_tar(tmp_path / "t_full.tar", [good(f"t_{i:03d}", 60 + i) for i in range(8)])
+    data = full.read_bytes()
+    cut = data.index(b"t_005.jpg") + 700  # inside t_005's image data
+    (tmp_path / "t.tar").write_bytes(data[:cut])
+    full.unlink()
+    (tmp_path / "empty.tar").write_bytes(b"")
+    write_tar(tmp_path / "zero_members.tar", [])
+    cfg = make_cfg([tmp_path], batch=4, workers=1)
+    loader = build_loader(cfg, tokenizer)
+    batches = take(loader, loader.batches_per_epoch)
+    keys = sorted(k for b in batches for k in b["keys"] if k)
+    expected = sorted([k for k, _ in ok] + ["c_000", "c_005"] + [f"t_{i:03d}" for i in range(5)])
+    assert keys == expected
+    skipped = sum(int(b["skipped"]) for b in batches)
+    assert skipped == loader.samples_per_epoch - len(expected)
+    assert skipped >= 4  # the 4 broken samples of c.tar (+ t_005 when its header was counted)
+
+
+def test_plain_gnu_tar_and_img2dataset_layout_read_directly(tmp_path, tokenizer):
+    files = tmp_path / "files"
+    files.mkdir()
+    for i in range(7):
+        (files / f"{i:09d}.jpg").write_bytes(_jpeg(i))
+        (files / f"{i:09d}.txt").write_text(_caption(i))
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    subprocess.run(["tar", "--sort=name", "-cf", str(gnu / "shard.tar"), "-C", str(files), "."], check=True)
+    loader = build_loader(make_cfg([gnu], workers=0), tokenizer)
+    keys = sorted(k for b in take(loader, loader.batches_per_epoch) for k in b["keys"] if k)
+    assert keys == [f"./{i:09d}" for i in range(7)]
+
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    samples = []
+    for i in range(9):
+        meta = {"url": f"http://x/{i}.jpg", "caption": _caption(i), "key": f"{i:09d}", "status": "success"}
+        samples.append((f"{i:09d}", {"jpg": _jpeg(i), "txt": _caption(i).encode(), "json": json.dumps(meta).encode()}))
+    write_tar(i2d / "00000.tar", samples)
+    (i2d / "00000_stats.json").write_text(json.dumps({"count": 10, "successes": 9, "failed_to_download": 1}))
+    (i2d / "00000.parquet").write_bytes(b"PAR1")
+    loader = build_loader(make_cfg([f"{i2d}/{{00000..00000}}.tar"], workers=0), tokenizer)
+    assert loader.samples_per_epoch == 9
+    keys = sorted(k for b in take(loader, loader.batches_per_epoch) for k in b["keys"] if k)
+    assert keys == [f"{i:09d}" for i in range(9)]
+
+
+def test_shard_spec_errors(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="nothing_here"):
+        build_loader(make_cfg([f"{tmp_path}/nothing_here/*.tar"]), tokenizer)
+    with pytest.raises(DataError, match="not found"):
+        build_loader(make_cfg([tmp_path / "missing.tar"]), tokenizer)
+    with pytest.raises(DataError, match="pipe:"):
+        build_loader(make_cfg(["pipe:cat /etc/passwd"]), tokenizer)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="no samples"):
+        build_loader(make_cfg([tmp_path]), tokenizer)
