@@ -1,0 +1,178 @@
+"""The backend seam: everything that differs between Gaudi (HPU), CUDA and CPU lives behind `Backend`.
+
+The training loop calls these methods in a fixed order and never tests the device itself:
+
+    backend = select_backend(cfg.backend, cfg.train.precision, cfg.train.zero_stage)
+    backend.prepare_environment()        # env that must exist before device libraries / deepspeed import
+    init_distributed(info, backend.dist_backend)
+    model = backend.compile(model.to(backend.device))
+    optimizer = backend.make_optimizer(param_groups(model, cfg.optim), cfg.optim)
+    for each micro-step:
+        with backend.autocast():         # forward + loss only
+            loss = model(batch).loss
+        loss.backward();          backend.after_backward()        # mark_step in HPU lazy mode
+        if backend.clips_gradients: backend.clip_grad_norm(params, max_norm)
+        optimizer.step();         backend.after_optimizer_step()  # mark_step in HPU lazy mode
+
+Who clips gradients: DeepSpeed (config `gradient_clipping`) by default, because with bf16 or ZeRO >= 1 the
+gradients that count live in DeepSpeed's fp32 / partitioned buffers, not in `param.grad`. A backend clips
+itself (`clips_gradients` True) only where `param.grad` is the real gradient: HPU with fused clip norm
+enabled, fp32 precision and ZeRO stage 0. `clip_grad_norm` is usable on every backend regardless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+
+from gaudi_pretrain.config import BackendConfig, OptimConfig
+
+# An attention function with torch.nn.functional.scaled_dot_product_attention's leading signature:
+# fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> Tensor
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def optimizer_kwargs(
+    optim: OptimConfig | None,
+    lr: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+    weight_decay: float | None = None,
+) -> dict[str, Any]:
+    """AdamW hyper-parameters from an OptimConfig, each overridable by an explicit keyword."""
+    base = optim or OptimConfig()
+    return {
+        "lr": base.lr if lr is None else lr,
+        "betas": tuple(base.betas if betas is None else betas),
+        "eps": base.eps if eps is None else eps,
+        "weight_decay": base.weight_decay if weight_decay is None else weight_decay,
+    }
+
+
+class Backend(ABC):
+    """One device family. Subclasses override what differs; the defaults are the plain-PyTorch behaviour."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: BackendConfig | None = None, precision: str = "bf16", zero_stage: int = 0):
+        self.cfg = cfg or BackendConfig()
+        self.precision = precision
+        self.zero_stage = zero_stage
+
+    # ------------------------------------------------------------------ environment and placement
+
+    @abstractmethod
+    def prepare_environment(self) -> None:
+        """Set environment variables that must exist before device libraries or DeepSpeed are imported."""
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """The torch.device this process computes on (the local rank's device)."""
+
+    @property
+    @abstractmethod
+    def dist_backend(self) -> str:
+        """torch.distributed backend name: "hccl", "nccl" or "gloo"."""
+
+    # ------------------------------------------------------------------ numerics
+
+    def autocast(self) -> ContextManager[Any]:
+        """Mixed-precision context for forward + loss (never around backward or the optimizer step)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def make_optimizer(
+        self,
+        param_groups: Iterable[Any],
+        optim: OptimConfig | None = None,
+        *,
+        lr: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        weight_decay: float | None = None,
+    ) -> torch.optim.Optimizer:
+        """AdamW over `param_groups` (per-group lr / weight_decay win over the defaults given here)."""
+        return torch.optim.AdamW(list(param_groups), **optimizer_kwargs(optim, lr, betas, eps, weight_decay))
+
+    @property
+    def clips_gradients(self) -> bool:
+        """True when the loop must call `clip_grad_norm` itself and DeepSpeed must not clip (see module doc)."""
+        return False
+
+    def clip_grad_norm(self, params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip gradients in place to a global L2 norm of `max_norm`; returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+
+    # ------------------------------------------------------------------ step hooks
+
+    def after_backward(self) -> None:
+        """Called right after loss.backward() (HPU lazy mode: mark_step)."""
+
+    def after_optimizer_step(self) -> None:
+        """Called right after optimizer.step() (HPU lazy mode: mark_step)."""
+
+    # ------------------------------------------------------------------ model transforms
+
+    def compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        """torch.compile the model when `backend.compile` is set; the module is returned unchanged otherwise."""
+        return torch.compile(model) if self.cfg.compile else model
+
+    def attention_fn(self) -> AttentionFn | None:
+        """A replacement for torch's SDPA (same signature), or None to use torch's own."""
+        return None
+
+    # ------------------------------------------------------------------ measurements
+
+    def graph_compile_count(self) -> int | None:
+        """Number of device graph compilations so far (HPU only; None where the notion does not apply)."""
+        return None
+
+    def memory_stats(self) -> int:
+        """Peak memory in bytes: device allocator peak on accelerators, process peak RSS on CPU."""
+        return peak_rss_bytes()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest timings)."""
+
+    def set_seed(self, seed: int) -> None:
+        """Seed Python, NumPy and torch (all devices torch knows about)."""
+        random.seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed % 2**32)
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+        torch.manual_seed(seed)
+
+    def peak_flops(self) -> float | None:
+        """Peak dense FLOP/s of one device at the run's precision, for MFU; None when unknown."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What was chosen, for the run log."""
+        return {"backend": self.name, "device": str(self.device), "dist_backend": self.dist_backend,
+                "precision": self.precision, "clips_gradients": self.clips_gradients}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(precision={self.precision!r}, zero_stage={self.zero_stage})"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Launch `gaudi-pretrain train` with DeepSpeed's launcher (pdsh/ssh to every host of the hostfile).
+#
+#   launch/deepspeed_multinode.sh [options] -- <train args, e.g. --config configs/bridgetower_large.yaml>
+#
+# Options:
+#   --hostfile FILE      DeepSpeed hostfile, `host slots=8` per node (same format as launch/hostfile.example)
+#   --nodes N            nodes to use (default: all hosts in the hostfile)
+#   --cards-per-node C   devices per node (default 8)
+#   --master-addr ADDR   rank-0 address (default: first host of the hostfile)
+#   --master-port P      default 29500
+#   --accelerator A      DS_ACCELERATOR for the launcher and ranks: hpu (default), cuda or cpu
+#   --dry-run            write nothing, print the .deepspeed_env lines and the command, exit 0
+#
+# Writes ./.deepspeed_env (DeepSpeed's launcher exports each VAR=value line on every node) with
+# DS_ACCELERATOR, PYTHONPATH and every PT_HPU_*, HCCL_*, HABANA_* variable set here. Run it from the
+# repository root on the first node; the repository must sit at the same path on every node.
+set -euo pipefail
+
+die() { echo "deepspeed_multinode.sh: $*" >&2; exit 2; }
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+hostfile=""
+nodes=""
+cards=8
+master_addr="${MASTER_ADDR:-}"
+master_port="${MASTER_PORT:-29500}"
+accelerator="${DS_ACCELERATOR:-hpu}"
+dry_run=0
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --hostfile) hostfile="${2:?--hostfile needs a value}"; shift 2 ;;
+        --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
+        --cards-per-node) cards="${2:?--cards-per-node needs a value}"; shift 2 ;;
+        --master-addr) master_addr="${2:?--master-addr needs a value}"; shift 2 ;;
+        --master-port) master_port="${2:?--master-port needs a value}"; shift 2 ;;
+        --accelerator) accelerator="${2:?--accelerator needs a value}"; shift 2 ;;
+        --dry-run) dry_run=1; shift ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --) shift; break ;;
+        *) die "unknown option '$1' (train arguments go after --)" ;;
+    esac
+done
+
+[[ -n "$hostfile" ]] || die "--hostfile is required"
+[[ -f "$hostfile" ]] || die "hostfile not found: $hostfile"
+[[ -n "$nodes" ]] || nodes="$(grep -cEv '^[[:space:]]*(#|$)' "$hostfile")"
+[[ -n "$master_addr" ]] || master_addr="$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$hostfile")"
+
+export DS_ACCELERATOR="$accelerator"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+env_lines=("DS_ACCELERATOR=$DS_ACCELERATOR" "PYTHONPATH=$PYTHONPATH")
+while IFS= read -r name; do
+    env_lines+=("$name=${!name}")
+done < <(compgen -e | grep -E '^(PT_HPU_|HCCL_|HABANA_)' | sort)
+
+cmd=(deepspeed --hostfile "$hostfile" --num_nodes "$nodes" --num_gpus "$cards"
+     --master_addr "$master_addr" --master_port "$master_port" --no_local_rank
+     --module gaudi_pretrain train "$@")
+
+if [[ "$dry_run" -eq 1 ]]; then
+    printf '# .deepspeed_env\n'
+    printf '%s\n' "${env_lines[@]}"
+    line="$(printf '%q ' "${cmd[@]}")"
+    printf '%s\n' "${line% }"
+    exit 0
+fi
+printf '%s\n' "${env_lines[@]}" > .deepspeed_env
+exec "${cmd[@]}"
