@@ -18,6 +18,7 @@ from gaudi_pretrain.errors import GaudiPretrainError
 COMMAND_MODULES = [
     "gaudi_pretrain.train.commands",
     "gaudi_pretrain.data.commands",
+    "gaudi_pretrain.model.commands",
 ]
 
 

@@ -1,0 +1,390 @@
+"""BridgeTower backbone: CLIP vision tower, RoBERTa text tower and the bridged cross-modal encoder.
+
+Module and parameter names are exactly transformers' `BridgeTowerModel` names, so its state dicts load
+with strict=True and no key map. Unlike transformers' version this one is built for training speed:
+SDPA attention through a replaceable kernel (`attention.set_attention_fn`), static shapes everywhere,
+optional per-layer activation checkpointing, fp32 LayerNorm under bf16 autocast, and the model is split
+into `encode_images` / `encode_text` / `cross_encode` so the pretraining step runs the vision tower once
+and reuses it for the MLM and ITM passes.
+
+Data flow (T text layers, C cross layers, split = T - C + 1; Li = grid² + 1 image tokens):
+    text layers 1..split      → cross_modal_text_transform + type 0 → cross_modal_text_layernorm → cross 1
+    vision layers 1..split    → ln_post → cross_modal_image_transform + type 1 → cross_modal_image_layernorm
+    uni-modal layer split+k   → (ln_post →) transform + type → link tower k: LN(bridge + cross k out) → cross k+1
+    cross text layer: self-attn (text mask) → cross-attn to image (no mask) → FFN
+    cross image layer: self-attn (no mask) → cross-attn to text (text mask) → FFN
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gaudi_pretrain.config import ModelConfig
+from gaudi_pretrain.errors import ConfigError
+from gaudi_pretrain.model.attention import QKV, FusedInProjAttention
+
+DROPOUT = 0.1  # transformers' BridgeTowerTextConfig hidden/attention dropout (also used by the cross layers)
+INIT_STD = 0.02
+
+Features = tuple[torch.Tensor, ...]  # one [B, N, H] tensor per cross-modal layer (the bridge inputs)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that normalises in fp32 when activations are bf16/fp16 (same parameters and names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class _Checkpointable(nn.Module):
+    """Runs a layer under torch.utils.checkpoint when activation checkpointing is on and grads are needed."""
+
+    checkpointing: bool = False
+
+    def run(self, fn: Callable, *args):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+
+# ------------------------------------------------------------------------------------------- vision
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, dim: int, patch: int, image_size: int):
+        super().__init__()
+        self.grid = image_size // patch
+        self.class_embedding = nn.Parameter(torch.zeros(dim))
+        self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch, stride=patch, bias=False)
+        self.position_embedding = nn.Embedding(self.grid**2 + 1, dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] → [B, Li, D]
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [B, D, g, g]
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x.dtype)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN CLIP block: x + attn(ln_1(x)); x + c_proj(QuickGELU(c_fc(ln_2(x))))."""
+
+    def __init__(self, dim: int, eps: float, impl: str):
+        super().__init__()
+        self.attn = FusedInProjAttention(dim, dim // 64, impl)  # transformers: heads = hidden // 64
+        self.ln_1 = LayerNorm(dim, eps=eps)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(dim, 4 * dim), "c_proj": nn.Linear(4 * dim, dim)})
+        self.ln_2 = LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp["c_proj"](quick_gelu(self.mlp["c_fc"](self.ln_2(x))))
+
+
+class VisionTransformerStack(nn.Module):
+    def __init__(self, dim: int, layers: int, eps: float, impl: str):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(dim, eps, impl) for _ in range(layers))
+
+
+class VisualTower(_Checkpointable):
+    """`vision_model.visual`: embeddings → ln_pre → resblocks; ln_post is applied to every bridged output
+    (transformers' share_layernorm=True, as released)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        v = cfg.vision
+        self.embeddings = VisionEmbeddings(v.hidden_size, v.patch_size, v.image_size)
+        self.ln_pre = LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+        self.transformer = VisionTransformerStack(v.hidden_size, v.num_hidden_layers, v.layer_norm_eps, cfg.attention)
+        self.ln_post = LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
+        """Outputs of the first `num_layers` blocks (all by default), each [B, Li, D], before ln_post."""
+        x = self.ln_pre(self.embeddings(pixel_values))
+        outs = []
+        for block in self.transformer.resblocks[:num_layers]:
+            x = self.run(block, x)
+            outs.append(x)
+        return outs
+
+
+class VisionModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.visual = VisualTower(cfg)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+class TextEmbeddings(nn.Module):
+    """RoBERTa embeddings: positions count non-pad tokens from pad_id + 1; token type is always 0."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        t = cfg.text
+        self.pad_id = t.pad_token_id
+        self.word_embeddings = nn.Embedding(t.vocab_size, t.hidden_size, padding_idx=t.pad_token_id)
+        self.position_embeddings = nn.Embedding(t.max_position_embeddings, t.hidden_size, padding_idx=t.pad_token_id)
+        self.token_type_embeddings = nn.Embedding(1, t.hidden_size)
+        self.LayerNorm = LayerNorm(t.hidden_size, eps=t.layer_norm_eps)
+        self.dropout = nn.Dropout(DROPOUT)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] → [B, L, H]
+        not_pad = input_ids.ne(self.pad_id).long()
+        positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class AttentionOutput(nn.Module):
+    """`dense` → dropout → LayerNorm(· + residual) (BERT's SelfOutput and Output)."""
+
+    def __init__(self, d_in: int, d_out: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        self.LayerNorm = LayerNorm(d_out, eps=eps)
+        self.dropout = nn.Dropout(DROPOUT)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    """BERT attention block: `self` (query/key/value) then `output`."""
+
+    def __init__(self, dim: int, heads: int, eps: float, impl: str):
+        super().__init__()
+        self.self = QKV(dim, heads, DROPOUT, impl)
+        self.output = AttentionOutput(dim, dim, eps)
+
+    def forward(self, x, context, key_mask):
+        return self.output(self.self(x, context, key_mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, ffn)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class TextLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float, impl: str):
+        super().__init__()
+        self.attention = Attention(dim, heads, eps, impl)
+        self.intermediate = Intermediate(dim, ffn)
+        self.output = AttentionOutput(ffn, dim, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class CrossLayer(nn.Module):
+    """Self-attention over its own modality, cross-attention to the other, FFN (post-LN, BERT style)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float, impl: str):
+        super().__init__()
+        self.attention = Attention(dim, heads, eps, impl)
+        self.crossattention = Attention(dim, heads, eps, impl)
+        self.intermediate = Intermediate(dim, ffn)
+        self.output = AttentionOutput(ffn, dim, eps)
+
+    def forward(self, x, x_mask, context, context_mask):
+        x = self.attention(x, x, x_mask)
+        x = self.crossattention(x, context, context_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        t = cfg.text
+        self.layer = nn.ModuleList(
+            TextLayer(t.hidden_size, t.num_attention_heads, t.intermediate_size, t.layer_norm_eps, cfg.attention)
+            for _ in range(t.num_hidden_layers)
+        )
+
+
+class Pooler(nn.Module):
+    """First token → Linear → tanh."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class TextModel(_Checkpointable):
+    """`text_model`: RoBERTa. Its `pooler` is unused by BridgeTower but kept: it is in the checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = TextEncoder(cfg)
+        self.pooler = Pooler(cfg.text.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of every layer, each [B, L, H]."""
+        x = self.embeddings(input_ids)
+        outs = []
+        for layer in self.encoder.layer:
+            x = self.run(layer, x, attention_mask)
+            outs.append(x)
+        return outs
+
+
+class LinkTower(nn.Module):
+    """Bridge of type "add": LayerNorm(uni-modal bridge input + previous cross-modal output)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.LayerNorm = LayerNorm(dim, eps=eps)
+
+    def forward(self, bridge: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(bridge + cross)
+
+
+# -------------------------------------------------------------------------------------- the model
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """Constraints of transformers' BridgeTower that ModelConfig alone does not state."""
+    t, v = cfg.text, cfg.vision
+    if cfg.num_hidden_layers > t.num_hidden_layers:
+        raise ConfigError(
+            f"model.num_hidden_layers {cfg.num_hidden_layers} exceeds model.text.num_hidden_layers {t.num_hidden_layers}"
+        )
+    if v.num_hidden_layers != t.num_hidden_layers:
+        raise ConfigError(
+            f"model.vision.num_hidden_layers {v.num_hidden_layers} must equal model.text.num_hidden_layers "
+            f"{t.num_hidden_layers} (each uni-modal layer pair feeds one bridge)"
+        )
+    if cfg.num_attention_heads != t.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads {cfg.num_attention_heads} must equal model.text.num_attention_heads "
+            f"{t.num_attention_heads} (transformers builds the cross-modal layers from the text config)"
+        )
+
+
+class BridgeTowerModel(_Checkpointable):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_architecture(cfg)
+        self.cfg = cfg
+        t, h = cfg.text, cfg.hidden_size
+        self.split_index = t.num_hidden_layers - cfg.num_hidden_layers + 1
+        self.cross_modal_text_transform = nn.Linear(t.hidden_size, h)
+        self.cross_modal_image_transform = nn.Linear(cfg.vision.hidden_size, h)
+        self.token_type_embeddings = nn.Embedding(2, h)  # 0 = text, 1 = image
+        self.vision_model = VisionModel(cfg)
+        self.text_model = TextModel(cfg)
+
+        def cross_layers():
+            return nn.ModuleList(
+                CrossLayer(h, t.num_attention_heads, t.intermediate_size, t.layer_norm_eps, cfg.attention)
+                for _ in range(cfg.num_hidden_layers)
+            )
+
+        self.cross_modal_image_layers = cross_layers()
+        self.cross_modal_text_layers = cross_layers()
+        self.cross_modal_image_pooler = Pooler(h)
+        self.cross_modal_text_pooler = Pooler(h)
+        self.cross_modal_text_layernorm = LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.cross_modal_image_layernorm = LayerNorm(h, eps=cfg.layer_norm_eps)
+        links = cfg.num_hidden_layers - 1
+        self.cross_modal_text_link_tower = nn.ModuleList(LinkTower(h, cfg.layer_norm_eps) for _ in range(links))
+        self.cross_modal_image_link_tower = nn.ModuleList(LinkTower(h, cfg.layer_norm_eps) for _ in range(links))
+        self.set_grad_checkpointing(cfg.activation_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every uni-modal and cross-modal layer (recompute activations in backward)."""
+        self.checkpointing = enable
+        self.vision_model.visual.checkpointing = enable
+        self.text_model.checkpointing = enable
+
+    def encode_images(self, pixel_values: torch.Tensor) -> Features:
+        """Image-side bridge inputs, a pure function of the image: C tensors [B, Li, H].
+
+        Layer `split_index` output (and every later layer's) → ln_post → transform + image type embedding;
+        the first also through cross_modal_image_layernorm."""
+        visual = self.vision_model.visual
+        outs = visual(pixel_values, num_layers=self.cfg.text.num_hidden_layers)[self.split_index - 1 :]
+        type_emb = self.token_type_embeddings.weight[1]
+        feats = [self.cross_modal_image_transform(visual.ln_post(x)) + type_emb for x in outs]
+        feats[0] = self.cross_modal_image_layernorm(feats[0])
+        return tuple(feats)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Features:
+        """Text-side bridge inputs: C tensors [B, L, H] (transform + text type embedding; first one normed)."""
+        outs = self.text_model(input_ids, attention_mask)[self.split_index - 1 :]
+        type_emb = self.token_type_embeddings.weight[0]
+        feats = [self.cross_modal_text_transform(x) + type_emb for x in outs]
+        feats[0] = self.cross_modal_text_layernorm(feats[0])
+        return tuple(feats)
+
+    def _cross_layer(self, k: int, text: torch.Tensor, image: torch.Tensor, mask: torch.Tensor):
+        t_out = self.cross_modal_text_layers[k](text, mask, image, None)  # text → all image tokens
+        i_out = self.cross_modal_image_layers[k](image, None, text, mask)  # image → non-pad text tokens
+        return t_out, i_out
+
+    def cross_encode(self, text: Features, attention_mask: torch.Tensor, image: Features):
+        """Bridged cross-modal encoder → (text_features [B, L, H], image_features [B, Li, H])."""
+        t_in, i_in = text[0], image[0]
+        t_out, i_out = self.run(self._cross_layer, 0, t_in, i_in, attention_mask)
+        for k in range(1, len(self.cross_modal_text_layers)):
+            t_in = self.cross_modal_text_link_tower[k - 1](text[k], t_out)
+            i_in = self.cross_modal_image_link_tower[k - 1](image[k], i_out)
+            t_out, i_out = self.run(self._cross_layer, k, t_in, i_in, attention_mask)
+        return t_out, i_out
+
+    def pool(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Pooled text CLS ‖ pooled image CLS: [B, 2H]."""
+        return torch.cat([self.cross_modal_text_pooler(text_features), self.cross_modal_image_pooler(image_features)], -1)
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        """One full forward: (text_features, image_features, pooled) like transformers' BridgeTowerModel."""
+        text_f, image_f = self.cross_encode(
+            self.encode_text(input_ids, attention_mask), attention_mask, self.encode_images(pixel_values)
+        )
+        return text_f, image_f, self.pool(text_f, image_f)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module) -> None:
+    """normal(0, 0.02) for weights and embeddings, zero biases, LayerNorm 1/0; pad embedding rows zero."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=INIT_STD)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, FusedInProjAttention):
+            nn.init.normal_(m.in_proj_weight, std=INIT_STD)
+            nn.init.zeros_(m.in_proj_bias)
+        elif isinstance(m, VisionEmbeddings):
+            nn.init.normal_(m.class_embedding, std=INIT_STD)
