@@ -71,6 +71,7 @@ class ModelConfig(_Section):
     contrastive_hidden_size: int = 512
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"
+    dropout: float = Field(0.1, ge=0, lt=1)  # text tower + cross-modal layers (transformers' default 0.1)
     # Initialisation sources (Hub name or local directory); None = random init.
     from_pretrained: str | None = None  # a transformers BridgeTower checkpoint
     init_vision_from: str | None = None  # CLIP (CLIPModel / CLIPVisionModel layout)

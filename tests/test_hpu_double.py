@@ -252,7 +252,7 @@ def test_bad_gaudi_config_is_a_config_error(tmp_path, bad):
 
 @pytest.mark.parametrize(
     "precision,zero,fused_clip,expected",
-    [("fp32", 0, True, True), ("bf16", 0, True, False), ("fp32", 1, True, False), ("fp32", 0, False, False)],
+    [("fp32", 0, True, True), ("bf16", 0, True, False), ("fp32", 1, True, False), ("fp32", 0, False, True)],
 )
 def test_who_clips(rec, tmp_path, precision, zero, fused_clip, expected):
     path = tmp_path / "g.json"

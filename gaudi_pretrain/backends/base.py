@@ -14,10 +14,10 @@ The training loop calls these methods in a fixed order and never tests the devic
         if backend.clips_gradients: backend.clip_grad_norm(params, max_norm)
         optimizer.step();         backend.after_optimizer_step()  # mark_step in HPU lazy mode
 
-Who clips gradients: DeepSpeed (config `gradient_clipping`) by default, because with bf16 or ZeRO >= 1 the
-gradients that count live in DeepSpeed's fp32 / partitioned buffers, not in `param.grad`. A backend clips
-itself (`clips_gradients` True) only where `param.grad` is the real gradient: HPU with fused clip norm
-enabled, fp32 precision and ZeRO stage 0. `clip_grad_norm` is usable on every backend regardless.
+Who clips gradients: with bf16 or ZeRO >= 1 the gradients that count live in DeepSpeed's fp32 /
+partitioned buffers, not in `param.grad`, so DeepSpeed clips (config `gradient_clipping`). With fp32 and
+ZeRO stage 0 `param.grad` is the real gradient and the loop clips through the backend (`clips_gradients`
+True): FusedClipNorm on HPU, torch's clip elsewhere, and the returned norm is logged.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Backend(ABC):
     @property
     def clips_gradients(self) -> bool:
         """True when the loop must call `clip_grad_norm` itself and DeepSpeed must not clip (see module doc)."""
-        return False
+        return self.precision == "fp32" and self.zero_stage == 0
 
     def clip_grad_norm(self, params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """Clip gradients in place to a global L2 norm of `max_norm`; returns the norm before clipping."""

@@ -215,10 +215,6 @@ class HpuBackend(Backend):
         return fused(groups, lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
                      weight_decay=kwargs["weight_decay"])
 
-    @property
-    def clips_gradients(self) -> bool:
-        return self.gaudi.use_fused_clip_norm and self.precision == "fp32" and self.zero_stage == 0
-
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         params = list(params)
         if not self.gaudi.use_fused_clip_norm:

@@ -290,9 +290,11 @@ class PretrainLoader:
         if self.num_workers == 0:
             stream: Any = iter(dataset)
         else:
+            # A private generator: creating the iterator must not draw from the global torch RNG, or a
+            # resumed run's dropout stream would shift relative to an uninterrupted one.
             stream = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
-                persistent_workers=False,
+                persistent_workers=False, generator=torch.Generator().manual_seed(self.spec.seed),
             ))
         for batch in stream:
             cur = batch.pop("_cursor")

@@ -34,6 +34,15 @@ INIT_STD = 0.02
 Features = tuple[torch.Tensor, ...]  # one [B, N, H] tensor per cross-modal layer (the bridge inputs)
 
 
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set every dropout (nn.Dropout modules and the attention-probability rate) to `p`."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = p
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm that normalises in fp32 when activations are bf16/fp16 (same parameters and names)."""
 
@@ -314,6 +323,7 @@ class BridgeTowerModel(_Checkpointable):
         self.cross_modal_text_link_tower = nn.ModuleList(LinkTower(h, cfg.layer_norm_eps) for _ in range(links))
         self.cross_modal_image_link_tower = nn.ModuleList(LinkTower(h, cfg.layer_norm_eps) for _ in range(links))
         self.set_grad_checkpointing(cfg.activation_checkpointing)
+        set_dropout(self, cfg.dropout)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint every uni-modal and cross-modal layer (recompute activations in backward)."""

@@ -68,8 +68,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
             "num_attention_heads": t.num_attention_heads,
             "intermediate_size": t.intermediate_size,
             "hidden_act": "gelu",
-            "hidden_dropout_prob": DROPOUT,
-            "attention_probs_dropout_prob": DROPOUT,
+            "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.dropout,
             "max_position_embeddings": t.max_position_embeddings,
             "type_vocab_size": 1,
             "layer_norm_eps": t.layer_norm_eps,
@@ -138,6 +138,7 @@ def from_hf_config(hf_cfg: Any, **overrides: Any) -> ModelConfig:
         "vision": {k: v[k] for k in vision_keys if v.get(k) is not None},
         "itc_heads": "BridgeTowerForContrastiveLearning" in archs,
         "contrastive_hidden_size": d.get("contrastive_hidden_size", 512),
+        "dropout": t.get("hidden_dropout_prob", DROPOUT),
     }
     raw.update(overrides)
     try:

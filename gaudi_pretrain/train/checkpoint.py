@@ -14,6 +14,7 @@ written directory is never picked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -105,8 +106,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def write_rank_state(ckpt_dir: Path, rank: int, data_state: dict[str, Any]) -> None:
-    payload = {"data": data_state, "rng": rng_state()}
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of this rank's parameter bytes: replicas that trained in lockstep have equal digests."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_rank_state(ckpt_dir: Path, rank: int, data_state: dict[str, Any], digest: str) -> None:
+    payload = {"data": data_state, "rng": rng_state(), "weights_sha256": digest}
     _atomic_write_text(ckpt_dir / f"rank_{rank:05d}.json", json.dumps(payload))
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from gaudi_pretrain.config import RunConfig, check_batch_geometry, deepspeed_config, save_config
 from gaudi_pretrain.errors import CheckpointError, ConfigError, TrainingError
+from gaudi_pretrain.train.faults import maybe_crash
 
 
 @dataclass
@@ -48,7 +49,7 @@ def setup(cfg: RunConfig) -> RunContext:
     from gaudi_pretrain.backends import select_backend
     from gaudi_pretrain.distributed import discover
 
-    backend = select_backend(cfg.backend, cfg.train.precision)
+    backend = select_backend(cfg.backend, cfg.train.precision, cfg.train.zero_stage)
     backend.prepare_environment()  # before torch device libraries / deepspeed are imported
     info = discover()
     check_batch_geometry(cfg, info.world_size)  # fail before anything heavy or written
@@ -110,6 +111,7 @@ def save_checkpoint(ctx: RunContext) -> Path:
         checkpoints_dir,
         publish,
         tag_for,
+        weights_digest,
         write_rank_state,
         write_run_files,
     )
@@ -118,8 +120,9 @@ def save_checkpoint(ctx: RunContext) -> Path:
     s, cfg = ctx.state, ctx.cfg
     root, tag = checkpoints_dir(ctx.run_dir), tag_for(s["step"])
     ctx.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    write_rank_state(root / tag, ctx.dist.rank, ctx.loader.state_dict())
     weights = unwrapped_state_dict(ctx.engine, cfg.train.zero_stage)
+    write_rank_state(root / tag, ctx.dist.rank, ctx.loader.state_dict(), weights_digest(ctx.engine.module))
+    maybe_crash("mid_save", s["step"], ctx.dist.rank)
     barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
     if ctx.dist.rank == 0:
         client = ClientState(
@@ -241,12 +244,14 @@ def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: Any, t
         ctx.state["consecutive_nonfinite"] = 0
         engine.backward(out.loss)
         backend.after_backward()
-        if backend.clips_gradients and cfg.train.grad_clip > 0 and engine.is_gradient_accumulation_boundary():
-            backend.clip_grad_norm(engine.module.parameters(), cfg.train.grad_clip)
+        if backend.clips_gradients and engine.is_gradient_accumulation_boundary():
+            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            ctx.state["grad_norm"] = backend.clip_grad_norm(engine.module.parameters(), max_norm)
         engine.step()
         backend.after_optimizer_step()
         acc.add(out)
     ctx.state["step"] += 1
+    maybe_crash("after_step", ctx.state["step"], ctx.dist.rank)
     ctx.state["samples_seen"] += cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * ctx.dist.world_size
 
 
@@ -278,7 +283,7 @@ def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, b
         "step": s["step"],
         **means,
         "lr": ctx.engine.get_lr()[0],
-        "grad_norm": _grad_norm(ctx.engine),
+        "grad_norm": _grad_norm(ctx),
         "samples_per_s": per_device * world,
         "samples_per_s_per_device": per_device,
         "data_wait_frac": min(1.0, wait_total / world / max(elapsed, 1e-9)),
@@ -296,8 +301,9 @@ def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, b
     return record
 
 
-def _grad_norm(engine: Any) -> float | None:
-    norm = engine.get_global_grad_norm()
+def _grad_norm(ctx: RunContext) -> float | None:
+    """The last step's global gradient norm (before clipping): ours when the loop clips, else DeepSpeed's."""
+    norm = ctx.state.get("grad_norm") if ctx.backend.clips_gradients else ctx.engine.get_global_grad_norm()
     if norm is None:
         return None
     value = float(norm)

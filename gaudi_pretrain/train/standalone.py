@@ -45,7 +45,7 @@ def evaluate_checkpoint(spec: str, overrides: list[str], config_path: str | None
         cfg = validate_config(apply_overrides(read_yaml(ckpt / "config.yaml"), overrides))
     if not cfg.data.eval_shards:
         raise CheckpointError("data.eval_shards is empty: nothing to evaluate on")
-    backend = select_backend(cfg.backend, cfg.train.precision)
+    backend = select_backend(cfg.backend, cfg.train.precision, cfg.train.zero_stage)
     backend.prepare_environment()
     set_attention_fn(backend.attention_fn())
     model = load_checkpoint_model(ckpt, cfg.model).to(backend.device)

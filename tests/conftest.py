@@ -1,0 +1,62 @@
+"""Shared fixtures: a small embedded demo dataset, and a helper to run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Demo dataset (train/eval tar shards + tokenizer), built once per session through the real builder."""
+    from gaudi_pretrain.data.synthetic import build_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo") / "shards"
+    build_demo_dataset(out, seed=0, train_samples=1200, eval_samples=256)
+    return out
+
+
+def tiny_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
+    values = {
+        "data.train_shards": f"['{shards}/train/*.tar']",
+        "data.eval_shards": f"['{shards}/eval/*.tar']",
+        "data.tokenizer": str(shards / "tokenizer"),
+        "train.output_dir": str(run_dir),
+        "logging.progress_bar": "false",
+        "logging.tensorboard": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GAUDI_PRETRAIN_CRASH", None)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 600, launcher: list[str] | None = None):
+    cmd = (launcher or [sys.executable, "-m", "gaudi_pretrain"]) + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=REPO)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sample_log(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    """step → sample keys used at that step by `rank` (from the per-rank sample log)."""
+    steps: dict[int, list[str]] = {}
+    path = run_dir / "samples" / f"rank_{rank:05d}.log"
+    for line in path.read_text().splitlines():
+        step, _, keys = line.partition("\t")
+        steps.setdefault(int(step), []).extend(keys.split())
+    return steps
