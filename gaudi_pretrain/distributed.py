@@ -256,9 +256,21 @@ def init_distributed(info: DistInfo, backend: str, timeout: timedelta | float | 
     if use_deepspeed:
         import deepspeed
 
+        if backend == "gloo":
+            _skip_deepspeed_cpu_shm_build()
         # Creates the group for world > 1, or adopts the existing one (DeepSpeed's comm layer must know it).
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
                                    rank=info.rank, world_size=info.world_size, verbose=False)
+
+
+def _skip_deepspeed_cpu_shm_build() -> None:
+    """DeepSpeed's comm layer JIT-compiles a shared-memory all-reduce on a CPU accelerator at init. Training
+    over gloo never uses it (it serves inference all-reduce), yet the build needs a C++ toolchain, takes
+    minutes on a small box and, if a rank is killed mid-build, leaves a lock every later run waits on
+    forever. Marking the op incompatible (DeepSpeed keeps one cached dict for this) makes init skip it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def is_initialized() -> bool:
