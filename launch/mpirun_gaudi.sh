@@ -13,6 +13,8 @@
 #   --cores-per-socket N      physical cores per socket (default: from lscpu)
 #   --sockets N               sockets per node (default: from lscpu)
 #   --python PY               interpreter on every node (default: $PYTHON, else python)
+#   --no-bind                 no core binding (--bind-to none --oversubscribe): CPU smoke runs on boxes or
+#                             containers with fewer physical cores than ranks; never for Gaudi training
 #   --dry-run                 print the command and exit 0
 #
 # Each rank gets PE = cores-per-socket / (ranks per socket) physical cores (`--map-by socket:PE=...`),
@@ -21,7 +23,7 @@
 # PT_HPU_LAZY_MODE defaults to 1 here; the run config's backend.hpu_lazy_mode still decides in-process.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "mpirun_gaudi.sh: $*" >&2; exit 2; }
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,6 +37,7 @@ cores_per_socket=""
 sockets=""
 python_bin="${PYTHON:-python}"
 dry_run=0
+bind=1
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -48,6 +51,7 @@ while [[ $# -gt 0 ]]; do
         --sockets) sockets="${2:?--sockets needs a value}"; shift 2 ;;
         --python) python_bin="${2:?--python needs a value}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --no-bind) bind=0; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         *) die "unknown option '$1' (train arguments go after --)" ;;
@@ -101,7 +105,11 @@ done < <(compgen -e | grep -E '^(PT_HPU_|HCCL_|HABANA_)' | sort)
 
 cmd=(mpirun -n "$world")
 [[ -z "$hostfile" ]] || cmd+=(--hostfile "$hostfile")
-cmd+=(--bind-to core --map-by "socket:PE=$pe" --rank-by slot --report-bindings)
+if [[ "$bind" -eq 1 ]]; then
+    cmd+=(--bind-to core --map-by "socket:PE=$pe" --rank-by slot --report-bindings)
+else
+    cmd+=(--bind-to none --oversubscribe)
+fi
 [[ "$(id -u)" -ne 0 ]] || cmd+=(--allow-run-as-root)
 for name in "${exports[@]}"; do
     cmd+=(-x "$name")

@@ -60,3 +60,17 @@ def sample_log(run_dir: Path, rank: int) -> dict[int, list[str]]:
         step, _, keys = line.partition("\t")
         steps.setdefault(int(step), []).extend(keys.split())
     return steps
+
+
+def assert_ranks_disjoint_and_in_sync(run_dir: Path, steps: int, micro_batch: int, world: int = 2) -> None:
+    """Every rank trained `steps` steps on its own samples (no key seen by two ranks) and all ranks ended
+    with the same weights (checkpoint digests written by each rank)."""
+    logs = [sample_log(run_dir, r) for r in range(world)]
+    for rank, log in enumerate(logs):
+        assert sorted(log) == list(range(steps)), f"rank {rank} ran steps {sorted(log)}"
+        assert sum(len(keys) for keys in log.values()) == steps * micro_batch, f"rank {rank} sample count"
+    key_sets = [{k for keys in log.values() for k in keys} for log in logs]
+    assert sum(len(s) for s in key_sets) == len(set().union(*key_sets)), "ranks saw overlapping samples"
+    ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
+    digests = {json.loads((ckpt / f"rank_{r:05d}.json").read_text())["weights_sha256"] for r in range(world)}
+    assert len(digests) == 1, "replicas diverged"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import cli_env, read_jsonl, run_cli, sample_log, tiny_overrides
+from conftest import assert_ranks_disjoint_and_in_sync, cli_env, read_jsonl, run_cli, sample_log, tiny_overrides
 
 
 def _train(shards, run_dir, *extra, env=None, launcher=None, **overrides):
@@ -61,14 +61,7 @@ def test_two_ranks_torchrun_disjoint_data_identical_weights(demo_shards, tmp_pat
     result = _train(demo_shards, run_dir, launcher=launcher, **{**COMMON, "train.max_steps": 4,
                                                                 "checkpoint.every_steps": 4})
     assert result.returncode == 0, result.stderr[-3000:]
-    logs = [sample_log(run_dir, r) for r in (0, 1)]
-    keys = [[k for step in sorted(log) for k in log[step]] for log in logs]
-    assert sorted(logs[0]) == sorted(logs[1]) == [0, 1, 2, 3]
-    assert len(keys[0]) == len(keys[1]) == 4 * 16
-    assert not set(keys[0]) & set(keys[1]), "ranks saw overlapping samples"
-    ckpt = run_dir / "checkpoints" / "step_00000004"
-    digests = {json.loads((ckpt / f"rank_{r:05d}.json").read_text())["weights_sha256"] for r in (0, 1)}
-    assert len(digests) == 1, "replicas diverged"
+    assert_ranks_disjoint_and_in_sync(run_dir, steps=4, micro_batch=16)
 
 
 def test_demo_learns_on_held_out_data(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -16,7 +17,9 @@ def _train(args: argparse.Namespace) -> int:
     from gaudi_pretrain.train.loop import train
 
     summary = train(cfg)
-    print(json.dumps({"step": summary["train"].get("step"), **{k: v for k, v in summary["eval"].items() if k != "kind"}}))
+    if int(os.environ.get("RANK", "0")) == 0:  # set for every rank by distributed.init_distributed
+        final = {k: v for k, v in summary["eval"].items() if k != "kind"}
+        print(json.dumps({"step": summary["train"].get("step"), **final}))
     return 0
 
 
