@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (README): `make demo` and `make test`.
 # Each sets up .venv itself. torch: a CPU build is installed only when the venv has no torch
-# (override TORCH_SPEC for another build); a Gaudi or CUDA image keeps its own torch.
+# (override TORCH_SPEC for another build). The venv does not see a system torch: inside a Gaudi image,
+# install with `pip install -e .` into the image Python instead (the Dockerfile does), never via this venv.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

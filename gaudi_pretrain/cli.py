@@ -41,9 +41,11 @@ def _config_command(args: argparse.Namespace) -> int:
     from gaudi_pretrain.config import deepspeed_config, load_config
 
     cfg = load_config(args.config, args.overrides)
+    derived = deepspeed_config(cfg, args.world_size)  # validates the batch geometry before anything prints
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print("# derived DeepSpeed config for world size", args.world_size)
-    print("# " + json.dumps(deepspeed_config(cfg, args.world_size)))
+    print("# derived DeepSpeed config for world size", args.world_size,
+          "(gradient_clipping moves to the training loop when the backend clips: fp32 with ZeRO 0)")
+    print("# " + json.dumps(derived))
     return 0
 
 

@@ -138,7 +138,7 @@ class CheckpointConfig(_Section):
     every_steps: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
     resume: str | None = None  # None, "auto" or a checkpoint directory
-    export_hf: bool = True  # write a transformers export at the end
+    export_hf: bool = True  # rank 0 writes a transformers export to <output_dir>/hf at the end of `train`
 
 
 class LoggingConfig(_Section):
@@ -276,10 +276,17 @@ def check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
     """Return the global batch; raise if the configured one disagrees with micro × accum × world."""
     t = cfg.train
     derived = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size is not None and t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
+            f"{t.micro_batch_size} x world size {world_size} = {per_step}"
+        )
     if t.global_batch_size is not None and t.global_batch_size != derived:
         raise ConfigError(
             f"train.global_batch_size {t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
-            f"x gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} = {derived}"
+            f"x gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} = {derived} "
+            f"(use gradient_accumulation_steps {t.global_batch_size // per_step})"
         )
     return derived
 

@@ -19,3 +19,7 @@ class CheckpointError(GaudiPretrainError):
 
 class TrainingError(GaudiPretrainError):
     """The run cannot continue (e.g. too many consecutive non-finite steps)."""
+
+
+class PathError(GaudiPretrainError):
+    """A path that would leave the directory it belongs to (`..`, absolute names in files or data)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,14 @@ def assert_ranks_disjoint_and_in_sync(run_dir: Path, steps: int, micro_batch: in
     ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
     digests = {json.loads((ckpt / f"rank_{r:05d}.json").read_text())["weights_sha256"] for r in range(world)}
     assert len(digests) == 1, "replicas diverged"
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], gnu: bool = False) -> Path:
+    """A plain tar written with tarfile (not our builder): `samples` = [(key, {ext: bytes})]."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT if gnu else tarfile.DEFAULT_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path

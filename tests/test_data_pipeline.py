@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ import torch
 from gaudi_pretrain.config import validate_config
 from gaudi_pretrain.data.pipeline import build_loader
 from gaudi_pretrain.errors import DataError
+
+from conftest import write_tar
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,15 +36,6 @@ def _caption(i: int) -> str:
     return "a " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 4))
 
 
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    """A plain tar written with tarfile (not our builder)."""
-    with tarfile.open(path, "w") as tf:
-        for key, parts in samples:
-            for ext, data in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def good(key: str, i: int) -> tuple[str, dict[str, bytes]]:

@@ -20,8 +20,21 @@ conventions and URL opener are kept, see `shards.py`):
 5. MLM masks and ITM negatives are drawn from a generator seeded by (seed, epoch, worker, batch), so a
    resumed loader needs only a cursor per worker: (epoch, next batch, input position in its range).
 
-Corrupt or incomplete samples (bad image bytes, missing caption or image, truncated or short shards)
-are skipped and counted in the batch's `skipped` field; the count is exact relative to the plan.
+Corrupt or incomplete samples are skipped and counted in the batch's `skipped` field; over an epoch the
+count is exact relative to the plan (the per-shard sample counts of step 1). What counts:
+* a sample whose image does not decode (random or truncated bytes, empty member), has no image, or has
+  no caption (no .txt / empty .txt, and no "caption" in its .json): 1 each;
+* a sample whose key is unsafe (absolute, a `..` component, control characters; `shards.is_safe_key`);
+* a truncated tar: the plan takes its count from the shard's metadata when the file is shorter than the
+  metadata says (manifest.json / `<stem>_stats.json` of our builder, img2dataset's `successes`), and then
+  every declared sample not read in full is counted: the one cut mid-way and the whole lost tail. Without
+  metadata the count comes from a header scan, which stops where the data ends, like the reader: a sample
+  cut inside a member is dropped from the plan together with everything after it (nothing is counted,
+  nothing can be known about it); a sample cut between two of its members is in the plan and, lacking
+  its caption or image, is counted;
+* an empty tar (0 bytes, or no members) holds no samples: nothing is counted.
+A rank whose whole range is bad still yields its batches, made of padding rows only (sample_mask all
+False, labels -100): the losses of such a batch are 0, not NaN, so every rank runs the same steps.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +54,7 @@ from gaudi_pretrain.data.shards import (
     IMAGE_EXTS,
     ReadReport,
     caption_of,
+    is_safe_key,
     iter_samples,
     resolve_shards,
     shard_sample_counts,
@@ -182,6 +196,8 @@ def _decode(item: Any, size: int) -> tuple[str, str, np.ndarray] | None:
     if item is None:
         return None
     key, parts = item
+    if not is_safe_key(key):
+        return None
     caption = caption_of(parts)
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     if caption is None or image is None:
@@ -333,6 +349,17 @@ class PretrainLoader:
         self._cursors = [{k: int(c[k]) for k in ("epoch", "batch", "pos")} for c in state["workers_state"]]
 
 
+def resolve_split(cfg: Any, split: str) -> list[str]:
+    """The shards of `data.<split>_shards`; errors name the config key and the offending spec."""
+    specs = cfg.data.train_shards if split == "train" else cfg.data.eval_shards
+    if not specs:
+        raise DataError(f"data.{split}_shards is empty")
+    try:
+        return resolve_shards(specs, cfg.data.allow_pipe_urls)
+    except DataError as exc:
+        raise DataError(f"data.{split}_shards: {exc}") from None
+
+
 def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, split: str = "train",
                  epoch_offset: int = 0) -> PretrainLoader:
     """The rank's batch stream over `cfg.data.{train,eval}_shards` (see the module docstring)."""
@@ -342,9 +369,7 @@ def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, s
         raise DataError(f"rank {rank} outside world size {world_size}")
     d = cfg.data
     specs = d.train_shards if split == "train" else d.eval_shards
-    if not specs:
-        raise DataError(f"data.{split}_shards is empty")
-    urls = resolve_shards(specs, d.allow_pipe_urls)
+    urls = resolve_split(cfg, split)
     counts = shard_sample_counts(urls)
     if sum(counts) == 0:
         raise DataError(f"the shards of data.{split}_shards ({specs}) hold no samples")

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from gaudi_pretrain.errors import DataError
+from gaudi_pretrain.paths import is_inside
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MANIFEST = "manifest.json"
@@ -36,8 +38,32 @@ _GLOB_CHARS = set("*?[")
 # ---------------------------------------------------------------------------------- shard specs
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+# Schemes webdataset's gopen opens: `pipe:` through a shell (refused unless data.allow_pipe_urls), the
+# others by running curl / gsutil / ais / huggingface_hub with the URL as one argument (no shell).
+REMOTE_SCHEMES = ("http", "https", "sftp", "ftps", "scp", "gs", "ais", "htgs", "hf")
+
+
+def url_scheme(spec: str) -> str | None:
+    """The URL scheme of a shard spec, lower-cased (as urllib and gopen see it); None for a local path."""
+    m = _SCHEME.match(spec)
+    return m.group(1).lower() if m else None
+
+
 def _is_url(spec: str) -> bool:
-    return spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file://"))
+    return url_scheme(spec) not in (None, "file")
+
+
+def _check_scheme(url: str, spec: str, allow_pipe_urls: bool) -> None:
+    scheme = url_scheme(url)
+    if scheme == "pipe" and not allow_pipe_urls:
+        raise DataError(
+            f"shard spec '{spec}' is a pipe: URL, which runs a shell command; "
+            "set data.allow_pipe_urls=true only for trusted configs"
+        )
+    if scheme not in (None, "file", "pipe") and scheme not in REMOTE_SCHEMES:
+        raise DataError(f"shard spec '{spec}' has the unsupported URL scheme '{scheme}:' "
+                        f"(local paths, file://, pipe: or {', '.join(REMOTE_SCHEMES)})")
 
 
 def resolve_shards(specs: str | Sequence[str], allow_pipe_urls: bool = False) -> list[str]:
@@ -45,6 +71,8 @@ def resolve_shards(specs: str | Sequence[str], allow_pipe_urls: bool = False) ->
 
     A directory holding `manifest.json` means exactly the shards that manifest lists; any other
     directory means its `*.tar` files. Missing paths and empty globs are errors naming the spec.
+    URL schemes are checked before and after expansion (webdataset substitutes `${WDS_*}` variables and
+    lower-cases schemes), so no spelling of a `pipe:` URL gets through without data.allow_pipe_urls.
     """
     from webdataset.shardlists import expand_urls
 
@@ -53,16 +81,16 @@ def resolve_shards(specs: str | Sequence[str], allow_pipe_urls: bool = False) ->
     out: list[str] = []
     for spec in specs:
         spec = str(spec).strip()
-        if spec.startswith("pipe:") and not allow_pipe_urls:
-            raise DataError(
-                f"shard spec '{spec}' is a pipe: URL, which runs a shell command; "
-                "set data.allow_pipe_urls=true only for trusted configs"
-            )
+        _check_scheme(spec, spec, allow_pipe_urls)
         if _is_url(spec):
-            out.extend(expand_urls(spec))
+            urls = expand_urls(spec)
+            for url in urls:
+                _check_scheme(url, spec, allow_pipe_urls)
+            out.extend(urls)
             continue
         spec = spec.removeprefix("file://")
         for item in expand_urls(spec):
+            _check_scheme(item, spec, allow_pipe_urls)
             item = os.path.expanduser(item)
             if any(c in item for c in _GLOB_CHARS):
                 found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
@@ -83,6 +111,10 @@ def resolve_shards(specs: str | Sequence[str], allow_pipe_urls: bool = False) ->
 def _shards_in_dir(path: str, spec: str) -> list[str]:
     manifest = read_manifest(path)
     if manifest is not None:
+        for entry in manifest["shards"]:
+            name = str(entry.get("name", ""))
+            if not name or os.path.isabs(name) or not is_inside(path, name) or url_scheme(name):
+                raise DataError(f"{path}/{MANIFEST} lists the shard '{name}', which is not a file in {path}")
         listed = [os.path.join(path, s["name"]) for s in manifest["shards"]]
         missing = [p for p in listed if not os.path.isfile(p)]
         if missing:
@@ -108,6 +140,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 
 # -------------------------------------------------------------------------------------- reading
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_safe_key(key: str) -> bool:
+    """A sample key the pipeline uses: not absolute, no `..` component, no control characters.
+
+    Keys come from tar member names; one that looks like a path leaving the shard, or that would break a
+    line of the per-rank sample log, is never used as a sample (the pipeline skips and counts it)."""
+    return bool(key) and not key.startswith("/") and ".." not in key.split("/") and not _CONTROL.search(key)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -227,7 +270,10 @@ def _count_from_metadata(path: str, manifests: dict[str, dict[str, Any]]) -> int
         manifests[directory] = {s["name"]: s for s in m["shards"]} if m else {}
     entry = manifests[directory].get(name)
     size = os.path.getsize(path)
-    if entry is not None and entry.get("bytes") == size:
+    # A shard shorter than its metadata says was truncated after it was written: the declared count
+    # stands, and the samples lost with the tail are read as missing (skipped and counted). A shard of
+    # another size than declared otherwise (rewritten) is counted by a header scan.
+    if entry is not None and _bytes_at_least(entry.get("bytes"), size):
         return int(entry["samples"])
     stats_path = os.path.join(directory, name.rsplit(".tar", 1)[0] + "_stats.json")
     if os.path.isfile(stats_path):
@@ -235,11 +281,15 @@ def _count_from_metadata(path: str, manifests: dict[str, dict[str, Any]]) -> int
             stats = json.loads(Path(stats_path).read_text())
         except ValueError:
             return None
-        if "samples" in stats and stats.get("bytes") == size:
+        if "samples" in stats and _bytes_at_least(stats.get("bytes"), size):
             return int(stats["samples"])
         if "successes" in stats and "samples" not in stats:  # img2dataset
             return int(stats["successes"])
     return None
+
+
+def _bytes_at_least(declared: Any, size: int) -> bool:
+    return isinstance(declared, int) and declared >= size
 
 
 def inspect_shards(specs: str | Sequence[str], examples: int = 5, allow_pipe_urls: bool = False) -> dict[str, Any]:

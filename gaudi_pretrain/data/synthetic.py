@@ -24,6 +24,8 @@ COLORS = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
+NOISE_STD = 10.0
+RADIUS_RANGE = (0.28, 0.42)  # of half the image side
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 
 
@@ -43,13 +45,13 @@ def draw_sample(rng: np.random.Generator, size: int = 32) -> tuple[Any, str]:
     shape = SHAPES[rng.integers(len(SHAPES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
     base = rng.integers(90, 166)  # grey level of the background
-    noise = rng.normal(0, 10, size=(size, size, 3))
+    noise = rng.normal(0, NOISE_STD, size=(size, size, 3))
     background = np.clip(base + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(background, "RGB")
     draw = ImageDraw.Draw(img)
     half = size / 2
     qx, qy = POSITIONS[position]
-    radius = half * rng.uniform(0.28, 0.42)
+    radius = half * rng.uniform(*RADIUS_RANGE)
     jitter = half / 2 - radius
     cx = qx * half + half / 2 + rng.uniform(-jitter, jitter)
     cy = qy * half + half / 2 + rng.uniform(-jitter, jitter)

@@ -13,7 +13,8 @@ Loading a BridgeTower checkpoint (`load_pretrained`), the rules are:
     gets the word embeddings copied into our untied decoder (reported as "tied");
   * contrastive heads in the source that our config does not use, and stale buffers of old transformers
     versions (`*.position_ids`), are ignored and reported; any other unexpected key is a CheckpointError.
-Weight files are read with safetensors or torch.load(weights_only=True), nothing else.
+Weight files are read with safetensors or torch.load(weights_only=True), nothing else (transformers'
+from_pretrained is called with weights_only=True too): a crafted pytorch_model.bin is refused, not run.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaudi_pretrain.config import ModelConfig
-from gaudi_pretrain.errors import CheckpointError, ConfigError
+from gaudi_pretrain.errors import CheckpointError, ConfigError, PathError
 from gaudi_pretrain.model.bridgetower import DROPOUT
 from gaudi_pretrain.model.pretraining import LOGIT_SCALE_INIT, BridgeTowerForPretraining
+from gaudi_pretrain.paths import checkpoint_tag
 
 ARCHITECTURES = ["BridgeTowerForMaskedLM", "BridgeTowerForImageAndTextRetrieval"]
 HEAD_PREFIXES = ("mlm_score.", "itm_score.", "itc_text_head.", "itc_image_head.", "itc_cross_modal_head.")
@@ -331,7 +333,7 @@ def init_vision_from(model: BridgeTowerForPretraining, source: str) -> None:
     from transformers import CLIPVisionModel
 
     v = model.cfg.vision
-    clip = CLIPVisionModel.from_pretrained(source)
+    clip = CLIPVisionModel.from_pretrained(source, weights_only=True)
     c = clip.config
     problems = [
         f"{name} {got} != {want}"
@@ -358,7 +360,7 @@ def init_text_from(model: BridgeTowerForPretraining, source: str) -> None:
     from transformers import RobertaModel
 
     t = model.cfg.text
-    rob = RobertaModel.from_pretrained(source)
+    rob = RobertaModel.from_pretrained(source, weights_only=True)
     c = rob.config
     problems = [
         f"{name} {got} != {want}"
@@ -498,7 +500,10 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     for root in (p / "checkpoints", p):
         latest = root / "latest"
         if latest.is_file():
-            ckpt = root / latest.read_text().strip()
+            try:
+                ckpt = root / checkpoint_tag(latest.read_text(), latest)  # never follows `..` or an absolute path
+            except PathError as exc:
+                raise CheckpointError(str(exc)) from None
             if (ckpt / "model.safetensors").is_file():
                 return ckpt
             raise CheckpointError(f"{latest} names {ckpt}, which has no model.safetensors")

@@ -44,6 +44,7 @@ def run_demo(out: str | Path, steps: int | None = None, overrides: list[str] | N
         f"data.eval_shards=['{shards}/eval/*.tar']",
         f"data.tokenizer={shards}/tokenizer",
         f"train.output_dir={run_dir}",
+        "checkpoint.export_hf=false",  # the demo exports once, to OUT/hf
     ]
     if steps is not None:
         demo_overrides.append(f"train.max_steps={steps}")

@@ -14,7 +14,7 @@ import torch
 
 
 def _model(ctx: Any) -> Any:
-    module = ctx.engine.module
+    module = getattr(ctx.engine, "module", ctx.engine)  # a DeepSpeed engine in training, a bare model in `eval`
     return getattr(module, "_orig_mod", module)
 
 

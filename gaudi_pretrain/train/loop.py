@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 from gaudi_pretrain.config import RunConfig, check_batch_geometry, deepspeed_config, save_config
 from gaudi_pretrain.errors import CheckpointError, ConfigError, TrainingError
-from gaudi_pretrain.train.faults import maybe_crash
+from gaudi_pretrain.paths import confined
+from gaudi_pretrain.train.faults import apply_numeric_faults, maybe_crash
 
 
 @dataclass
@@ -35,31 +36,59 @@ class RunContext:
 
 
 def _check_output_dir(path: Path) -> None:
+    """Fail before anything is written: the nearest existing ancestor must be a writable directory."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir {path} is not writable: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir {path} is not writable: no write permission on {existing}")
+
+
+def _make_output_dir(path: Path) -> None:
+    """Create the run directory and prove it writable; on failure remove what was created."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_probe_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        for p in created:  # innermost first; only directories this call made, and only if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise ConfigError(f"train.output_dir {path} is not writable: {exc.strerror}") from None
 
 
 def setup(cfg: RunConfig) -> RunContext:
-    """Backend, distributed init, model, optimizer, DeepSpeed engine and data, in the order they need."""
+    """Backend, distributed init, model, optimizer, DeepSpeed engine and data, in the order they need.
+
+    Everything that checks the user's input (batch geometry, output directory, shard specs, tokenizer)
+    runs before the first byte is written, so bad input leaves no run directory behind."""
     from gaudi_pretrain.backends import select_backend
     from gaudi_pretrain.distributed import discover
 
     backend = select_backend(cfg.backend, cfg.train.precision, cfg.train.zero_stage)
     backend.prepare_environment()  # before torch device libraries / deepspeed are imported
     info = discover()
-    check_batch_geometry(cfg, info.world_size)  # fail before anything heavy or written
+    check_batch_geometry(cfg, info.world_size)
     run_dir = Path(cfg.train.output_dir)
     _check_output_dir(run_dir)
 
+    from gaudi_pretrain.data.pipeline import build_loader, resolve_split
+    from gaudi_pretrain.data.tokenizer import load_tokenizer
+
+    if cfg.data.eval_shards:
+        resolve_split(cfg, "eval")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    loader = build_loader(cfg, tokenizer, rank=info.rank, world_size=info.world_size, split="train")
+    _make_output_dir(run_dir)
+
     import deepspeed
 
-    from gaudi_pretrain.data.pipeline import build_loader
-    from gaudi_pretrain.data.tokenizer import load_tokenizer
     from gaudi_pretrain.distributed import init_distributed
     from gaudi_pretrain.model import flops_per_sample, set_attention_fn
     from gaudi_pretrain.model.hf_io import build_model
@@ -67,8 +96,6 @@ def setup(cfg: RunConfig) -> RunContext:
 
     init_distributed(info, backend.dist_backend)
     backend.set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    loader = build_loader(cfg, tokenizer, rank=info.rank, world_size=info.world_size, split="train")
 
     set_attention_fn(backend.attention_fn())
     model = build_model(cfg.model)
@@ -80,7 +107,7 @@ def setup(cfg: RunConfig) -> RunContext:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     if info.rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, confined(run_dir, "config.yaml"))
     return RunContext(
         cfg=cfg,
         backend=backend,
@@ -106,31 +133,39 @@ def unwrapped_state_dict(engine: Any, zero_stage: int) -> dict[str, Any]:
 
 
 def save_checkpoint(ctx: RunContext) -> Path:
+    """A complete checkpoint of the current state, published by `latest` last (see checkpoint.py)."""
+    from gaudi_pretrain.distributed import barrier
     from gaudi_pretrain.train.checkpoint import (
         ClientState,
         checkpoints_dir,
+        prepare_tag,
         publish,
         tag_for,
         weights_digest,
         write_rank_state,
         write_run_files,
     )
-    from gaudi_pretrain.distributed import barrier
 
-    s, cfg = ctx.state, ctx.cfg
+    s, cfg, rank = ctx.state, ctx.cfg, ctx.dist.rank
     root, tag = checkpoints_dir(ctx.run_dir), tag_for(s["step"])
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        prepare_tag(root, tag)
+    barrier()  # an old directory of this tag is gone before anyone writes into it
     ctx.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    maybe_crash("save_engine", s["step"], rank)
     weights = unwrapped_state_dict(ctx.engine, cfg.train.zero_stage)
-    write_rank_state(root / tag, ctx.dist.rank, ctx.loader.state_dict(), weights_digest(ctx.engine.module))
-    maybe_crash("mid_save", s["step"], ctx.dist.rank)
+    write_rank_state(root / tag, rank, ctx.loader.state_dict(), weights_digest(ctx.engine.module),
+                     counters={"skipped_samples": s["skipped_samples"]})
+    maybe_crash("mid_save", s["step"], rank)
     barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
-    if ctx.dist.rank == 0:
+    if rank == 0:
         client = ClientState(
             step=s["step"],
             samples_seen=s["samples_seen"],
             config_fingerprint=cfg.fingerprint(),
             world_size=ctx.dist.world_size,
-            extra={"skipped_samples": s["skipped_samples"], "nonfinite_steps": s["nonfinite_steps"]},
+            extra={"nonfinite_steps": s["nonfinite_steps"]},
         )
         write_run_files(root / tag, cfg, client, weights)
         publish(root, tag, cfg.checkpoint.keep_last)
@@ -139,11 +174,16 @@ def save_checkpoint(ctx: RunContext) -> Path:
 
 
 def restore_checkpoint(ctx: RunContext) -> None:
+    """Resume from `checkpoint.resume`: verify the directory, load it without unpickling anything but
+    tensors, and check that the weights are the saved ones (the trust boundary is in checkpoint.py)."""
     from gaudi_pretrain.train.checkpoint import (
         read_client_state,
         read_rank_state,
         resolve_checkpoint,
         set_rng_state,
+        verify_files,
+        verify_weights,
+        weights_only_torch_load,
     )
 
     spec = ctx.cfg.checkpoint.resume
@@ -158,16 +198,20 @@ def restore_checkpoint(ctx: RunContext) -> None:
             f"{path} was written by {client.world_size} ranks, this run has {ctx.dist.world_size}: "
             "the per-rank data cursors cannot be re-split exactly"
         )
-    load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
+    verify_files(path, client)
+    with weights_only_torch_load():
+        load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     rank_state = read_rank_state(path, ctx.dist.rank)
+    verify_weights(path, ctx.engine.module, rank_state)
     ctx.loader.load_state_dict(rank_state["data"])
     set_rng_state(rank_state["rng"])
+    counters = rank_state.get("counters", {})
     ctx.state.update(
         step=client.step,
         samples_seen=client.samples_seen,
-        skipped_samples=client.extra.get("skipped_samples", 0),
+        skipped_samples=counters.get("skipped_samples", client.extra.get("skipped_samples", 0)),
         nonfinite_steps=client.extra.get("nonfinite_steps", 0),
         resumed_from=str(path),
     )
@@ -180,7 +224,7 @@ def restore_checkpoint(ctx: RunContext) -> None:
 
 
 def _sample_log_path(ctx: RunContext) -> Path:
-    return ctx.run_dir / "samples" / f"rank_{ctx.dist.rank:05d}.log"
+    return confined(ctx.run_dir, "samples", f"rank_{ctx.dist.rank:05d}.log")
 
 
 def _truncate_sample_log(ctx: RunContext, step: int) -> None:
@@ -193,10 +237,12 @@ def _truncate_sample_log(ctx: RunContext, step: int) -> None:
 
 
 def _log_samples(ctx: RunContext, step: int, keys: list[str]) -> None:
+    """One line per step: `<step>\t<key> <key> …` (0-based step; padding rows left out). Keys hold no
+    control characters (unsafe keys are never used); `%` and spaces are written as %25 / %20."""
     path = _sample_log_path(ctx)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fh.write(f"{step}\t" + " ".join(k for k in keys if k) + "\n")
+        fh.write(f"{step}\t" + " ".join(k.replace("%", "%25").replace(" ", "%20") for k in keys if k) + "\n")
 
 
 # -------------------------------------------------------------------------------------- loop
@@ -210,16 +256,6 @@ def _to_device(batch: dict[str, Any], device: Any, float_dtype: Any) -> dict[str
     return out
 
 
-def _all_finite(loss: Any) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.isfinite(loss.detach()).to(torch.int32)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank skips the same micro-steps
-    return bool(flag.item())
-
-
 def _next_batch(ctx: RunContext, data_iter: Iterator[dict[str, Any]], timer: Any) -> dict[str, Any]:
     start = time.perf_counter()
     batch = next(data_iter)
@@ -231,45 +267,114 @@ def _next_batch(ctx: RunContext, data_iter: Iterator[dict[str, Any]], timer: Any
     return batch
 
 
-def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: Any, timer: Any) -> None:
-    """One optimizer step = gradient_accumulation_steps micro-steps (DeepSpeed steps on the boundary)."""
+def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: Any, timer: Any) -> bool:
+    """One optimizer step = gradient_accumulation_steps micro-steps (DeepSpeed steps on the boundary).
+
+    Returns False when the step was skipped because the loss or the gradients were not finite: then
+    no weight, optimizer moment or learning-rate update happened and its metrics are dropped (its batches
+    were drawn all the same: the data cursor and the sample log move past them)."""
+    import torch
+
     engine, backend, cfg = ctx.engine, ctx.backend, ctx.cfg
+    step = ctx.state["step"] + 1  # the step being run, as logged
+    finite = torch.ones((), dtype=torch.bool, device=backend.device)  # stays on the device: no sync
+    applied = True
     for _ in range(cfg.train.gradient_accumulation_steps):
         batch = _to_device(_next_batch(ctx, data_iter, timer), backend.device, ctx.state["float_dtype"])
         with backend.autocast():
             out = engine(batch)
-        if not _all_finite(out.loss):
-            _count_nonfinite(ctx)
-            continue  # nothing was backpropagated: the step is skipped cleanly
-        ctx.state["consecutive_nonfinite"] = 0
-        engine.backward(out.loss)
+        loss = apply_numeric_faults(out.loss, step, ctx.dist.rank)
+        finite &= torch.isfinite(loss.detach())
+        acc.add(out, loss)
+        engine.backward(loss)
         backend.after_backward()
-        if backend.clips_gradients and engine.is_gradient_accumulation_boundary():
-            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            ctx.state["grad_norm"] = backend.clip_grad_norm(engine.module.parameters(), max_norm)
-        engine.step()
+        if engine.is_gradient_accumulation_boundary():
+            applied = _optimizer_step(ctx, finite)
+        else:
+            engine.step()  # between boundaries DeepSpeed only counts the micro-step
         backend.after_optimizer_step()
-        acc.add(out)
-    ctx.state["step"] += 1
-    maybe_crash("after_step", ctx.state["step"], ctx.dist.rank)
+    if applied:
+        acc.commit()
+    else:
+        acc.discard()
+    ctx.state["step"] = step
+    maybe_crash("after_step", step, ctx.dist.rank)
     ctx.state["samples_seen"] += cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * ctx.dist.world_size
+    return applied
 
 
-def _count_nonfinite(ctx: RunContext) -> None:
+def _optimizer_step(ctx: RunContext, finite: Any) -> bool:
+    """The boundary micro-step: clip, check finiteness (one host sync), then step or skip.
+
+    When the loop clips (fp32, ZeRO 0: gradients are param.grad) the pre-clip global norm tells whether
+    the gradients are finite; a bad step is skipped here. When DeepSpeed clips (bf16 / ZeRO), its optimizer
+    checks the gradient norm itself and skips a non-finite step (DeepSpeed's overflow handling: no update,
+    no lr-schedule step); `engine.was_step_applied()` reports it."""
+    import torch
+
+    engine, backend, cfg = ctx.engine, ctx.backend, ctx.cfg
+    if backend.clips_gradients:
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        norm = backend.clip_grad_norm(engine.module.parameters(), max_norm)
+        ctx.state["grad_norm"] = norm
+        if norm is not None:
+            finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
+        if not _all_ranks_true(finite):
+            _skip_engine_step(engine)
+            return False
+        engine.step()
+        return True
+    engine.step()
+    return _all_ranks_true(finite) and bool(engine.was_step_applied())
+
+
+def _all_ranks_true(flag: Any) -> bool:
+    """The step's one host sync: every rank gets the same answer, so all skip or step together."""
+    import torch
+    import torch.distributed as dist
+
+    value = flag.to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _skip_engine_step(engine: Any) -> None:
+    """What DeepSpeed does on an overflow, for the path where the loop detects it (fp32, ZeRO 0):
+    drop the gradients, leave weights, optimizer moments and the lr schedule untouched, and advance
+    DeepSpeed's counters as its own skipped step would (so the accumulation boundary stays aligned)."""
+    engine.zero_grad()
+    engine.skipped_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.micro_steps += 1
+
+
+def _count_nonfinite(ctx: RunContext, applied: bool) -> bool:
+    """Count a skipped step; True when `train.max_consecutive_nonfinite` consecutive steps were skipped."""
     s = ctx.state
+    if applied:
+        s["consecutive_nonfinite"] = 0
+        return False
     s["nonfinite_steps"] += 1
     s["consecutive_nonfinite"] += 1
-    limit = ctx.cfg.train.max_consecutive_nonfinite
-    if s["consecutive_nonfinite"] >= limit:
-        path = save_checkpoint(ctx)
-        raise TrainingError(
-            f"{limit} consecutive micro-steps with non-finite loss at step {s['step']}; "
-            f"last good state saved to {path}"
-        )
+    return s["consecutive_nonfinite"] >= ctx.cfg.train.max_consecutive_nonfinite
+
+
+def _stop_nonfinite(ctx: RunContext) -> None:
+    """Save the last good state (the skipped steps changed no weights) and stop the run."""
+    s = ctx.state
+    first_bad = s["step"] - s["consecutive_nonfinite"] + 1
+    path = save_checkpoint(ctx)
+    raise TrainingError(
+        f"stopping: {s['consecutive_nonfinite']} consecutive steps ({first_bad}-{s['step']}) had a non-finite "
+        f"loss or gradients (train.max_consecutive_nonfinite={ctx.cfg.train.max_consecutive_nonfinite}); "
+        f"the last good weights (after step {first_bad - 1}) are saved in {path}"
+    )
 
 
 def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, bar: Any) -> dict[str, Any]:
-    from gaudi_pretrain.train.metrics import all_reduce_sum
+    from gaudi_pretrain.train.metrics import all_reduce_sum, current_rss_bytes
 
     s, cfg, world = ctx.state, ctx.cfg, ctx.dist.world_size
     means = acc.reduce()
@@ -289,13 +394,15 @@ def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, b
         "data_wait_frac": min(1.0, wait_total / world / max(elapsed, 1e-9)),
         "mfu": (per_device * ctx.flops_per_sample / peak) if peak else None,
         "memory_gib": ctx.backend.memory_stats() / 2**30,
+        "rss_gib": current_rss_bytes() / 2**30,
+        "rss_with_workers_gib": current_rss_bytes(include_children=True) / 2**30,
         "skipped_samples": int(skipped),
         "nonfinite_steps": s["nonfinite_steps"],
         "samples_seen": s["samples_seen"],
         "graph_compiles": ctx.backend.graph_compile_count(),
     }
     writer.write(record)
-    if bar is not None:
+    if bar is not None and means["loss"] is not None:
         bar.set_postfix(loss=f"{means['loss']:.3f}", itm=f"{means['itm_acc']:.2f}", mlm=f"{means['mlm_acc']:.2f}",
                         sps=f"{record['samples_per_s']:.0f}")
     return record
@@ -330,15 +437,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ctx.engine.train()
     try:
         while ctx.state["step"] < cfg.train.max_steps:
-            train_step(ctx, data_iter, acc, timer)
+            applied = train_step(ctx, data_iter, acc, timer)
+            stop = _count_nonfinite(ctx, applied)
             steps_since_log += 1
             step = ctx.state["step"]
             if bar is not None:
                 bar.update(1)
             final = step == cfg.train.max_steps
-            if step % cfg.logging.every_steps == 0 or final:
+            if step % cfg.logging.every_steps == 0 or final or stop:
                 last_train = _log(ctx, acc, timer, steps_since_log, writer, bar)
                 steps_since_log = 0
+            if stop:
+                _stop_nonfinite(ctx)
             if cfg.data.eval_shards and (step % cfg.eval.every_steps == 0 or final):
                 last_eval = evaluate(ctx, step)
                 writer.write(last_eval)
@@ -352,8 +462,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         writer.close()
     summary = {"train": last_train, "eval": last_eval, "steps_run": ctx.state["step"] - start_step,
                "run_dir": str(ctx.run_dir)}
+    if rank0 and cfg.checkpoint.export_hf:
+        from gaudi_pretrain.model.hf_io import export_checkpoint
+
+        summary["hf_dir"] = str(export_checkpoint(ctx.run_dir, confined(ctx.run_dir, "hf"), overwrite=True))
     if rank0:
-        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        confined(ctx.run_dir, "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

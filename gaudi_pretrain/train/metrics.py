@@ -6,7 +6,9 @@ device tensor and read only on the logging cadence.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,21 +16,28 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gaudi_pretrain.paths import confined
+
 # Order of the device-side sums kept between log steps.
 SUM_FIELDS = ("loss", "mlm_loss", "itm_loss", "mlm_correct", "mlm_count", "itm_correct", "itm_count", "micro_steps")
 
 
 class StepAccumulator:
-    """Sums a training step's outputs on the device; `reduce()` returns global means and resets."""
+    """Sums a training step's outputs on the device; `reduce()` returns global means and resets.
+
+    `add` stages a micro-step's values; `commit()` keeps the staged values of a step that was applied,
+    `discard()` drops those of a step skipped for non-finite loss/gradients (its NaNs never reach the log)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
+        self.pending = torch.zeros_like(self.sums)
 
-    def add(self, out: Any) -> None:
+    def add(self, out: Any, loss: torch.Tensor | None = None) -> None:
+        loss = out.loss if loss is None else loss
         values = torch.stack(
             [
-                out.loss.detach().double(),
+                loss.detach().double(),
                 out.mlm_loss.detach().double(),
                 out.itm_loss.detach().double(),
                 out.mlm_correct.detach().double(),
@@ -38,7 +47,14 @@ class StepAccumulator:
                 torch.ones((), dtype=torch.float64, device=self.device),
             ]
         )
-        self.sums += values
+        self.pending += values
+
+    def commit(self) -> None:
+        self.sums += self.pending
+        self.pending.zero_()
+
+    def discard(self) -> None:
+        self.pending.zero_()
 
     def reduce(self) -> dict[str, float]:
         sums = self.sums.clone()
@@ -46,7 +62,9 @@ class StepAccumulator:
             dist.all_reduce(sums)
         self.sums.zero_()
         s = dict(zip(SUM_FIELDS, sums.tolist()))
-        steps = max(s["micro_steps"], 1.0)
+        if s["micro_steps"] == 0:  # every step since the last log was skipped (non-finite)
+            return {"loss": None, "mlm_loss": None, "itm_loss": None, "mlm_acc": None, "itm_acc": None}
+        steps = s["micro_steps"]
         return {
             "loss": s["loss"] / steps,
             "mlm_loss": s["mlm_loss"] / steps,
@@ -54,6 +72,28 @@ class StepAccumulator:
             "mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1.0),
             "itm_acc": s["itm_correct"] / max(s["itm_count"], 1.0),
         }
+
+
+def current_rss_bytes(include_children: bool = False) -> int:
+    """Resident set size of this process now (not the peak, which can only grow): /proc/self/statm on
+    Linux, psutil elsewhere. With `include_children`, the data loader workers (child processes) are added."""
+    try:
+        with open("/proc/self/statm") as fh:
+            rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+    if include_children:
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    rss += child.memory_info().rss
+        except ImportError:  # pragma: no cover - psutil comes with DeepSpeed
+            pass
+    return int(rss)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -83,12 +123,12 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = confined(run_dir, "metrics.jsonl")
         self._tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(confined(run_dir, "tensorboard")))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
