@@ -123,6 +123,17 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def write_result(out_dir: str | Path, stem: str, result: dict[str, Any], markdown: str) -> None:
+    """`<out_dir>/<stem>.json` + `.md`, and the markdown on stdout."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

@@ -214,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/e2e_throughput.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "e2e_" + bc.device_slug(device, args.config)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    bc.write_result(args.out, "e2e_" + bc.device_slug(device, args.config), result, markdown(result))
     return 0
 
 

@@ -16,11 +16,9 @@ differences grow a little with every update). Writes <out>/loss_curve_<device-sl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,12 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/loss_curve.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "loss_curve_" + bc.device_slug(device, args.config)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    bc.write_result(args.out, "loss_curve_" + bc.device_slug(device, args.config), result, markdown(result))
     return 0 if result["passed"] else 1
 
 
