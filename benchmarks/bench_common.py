@@ -149,6 +149,7 @@ def synthetic_batch(cfg: RunConfig, batch_size: int, rng: np.random.Generator, v
     Token ids follow a Zipf law over the first `vocab_limit` ids, so the MLM loss has something to learn
     (loss_curve.py); `keys` and `skipped` are there because `train.loop.train_step` consumes them."""
     from gaudi_pretrain.data.masking import itm_negatives, mask_tokens
+    from gaudi_pretrain.data.pipeline import assemble_batch
 
     length, size = cfg.data.max_text_len, cfg.model.vision.image_size
     vocab = min(vocab_limit or cfg.model.text.vocab_size, cfg.model.text.vocab_size)
@@ -166,18 +167,10 @@ def synthetic_batch(cfg: RunConfig, batch_size: int, rng: np.random.Generator, v
     captions = [" ".join(map(str, row[:n])) for row, n in zip(ids, lengths)]
     itm_index, itm_labels = itm_negatives(valid, captions, negative_prob=cfg.data.itm_negative_prob, rng=rng)
     pixels = torch.from_numpy(rng.standard_normal((batch_size, 3, size, size), dtype=np.float32))
-    return {
-        "pixel_values": pixels,
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy(attention),
-        "mlm_input_ids": torch.from_numpy(mlm_ids),
-        "mlm_labels": torch.from_numpy(mlm_labels),
-        "itm_image_index": torch.from_numpy(itm_index),
-        "itm_labels": torch.from_numpy(itm_labels),
-        "sample_mask": torch.from_numpy(valid),
-        "keys": [f"synthetic-{i}" for i in range(batch_size)],
-        "skipped": 0,
-    }
+    keys = [f"synthetic-{i}" for i in range(batch_size)]
+    batch = assemble_batch(pixels, ids, attention, mlm_ids, mlm_labels, itm_index, itm_labels, valid, keys)
+    batch["skipped"] = 0
+    return batch
 
 
 def synthetic_batches(cfg: RunConfig, batch_size: int, seed: int = 0, pool: int = 4,

@@ -159,17 +159,24 @@ class _BatchMaker:
         itm_index, itm_labels = itm_negatives(valid, captions, negative_prob=self.spec.itm_negative_prob, rng=rng)
         pixels = normalize_images(images)
         pixels[n:] = 0.0
-        return {
-            "pixel_values": pixels,
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention),
-            "mlm_input_ids": torch.from_numpy(mlm_ids),
-            "mlm_labels": torch.from_numpy(mlm_labels),
-            "itm_image_index": torch.from_numpy(itm_index),
-            "itm_labels": torch.from_numpy(itm_labels),
-            "sample_mask": torch.from_numpy(valid),
-            "keys": keys,
-        }
+        return assemble_batch(pixels, input_ids, attention, mlm_ids, mlm_labels, itm_index, itm_labels, valid, keys)
+
+
+def assemble_batch(pixels: torch.Tensor, input_ids: np.ndarray, attention: np.ndarray, mlm_ids: np.ndarray,
+                   mlm_labels: np.ndarray, itm_index: np.ndarray, itm_labels: np.ndarray, valid: np.ndarray,
+                   keys: list[str]) -> dict[str, Any]:
+    """The batch contract the model and the loop consume (numpy arrays → tensors, no copies)."""
+    return {
+        "pixel_values": pixels,
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "mlm_input_ids": torch.from_numpy(mlm_ids),
+        "mlm_labels": torch.from_numpy(mlm_labels),
+        "itm_image_index": torch.from_numpy(itm_index),
+        "itm_labels": torch.from_numpy(itm_labels),
+        "sample_mask": torch.from_numpy(valid),
+        "keys": keys,
+    }
 
 
 def _raw_samples(spec: LoaderSpec, segments: list[tuple[int, int, int]], lo: int, hi: int) -> Iterator[Any]:

@@ -328,6 +328,13 @@ def clip_to_visual_state(clip_state: Mapping[str, torch.Tensor], layers: int, gr
     return out
 
 
+def _require_fit(what: str, section: str, checks: tuple[tuple[str, Any, Any], ...]) -> None:
+    """(name, checkpoint value, our value) triples → one ConfigError listing every mismatch."""
+    problems = [f"{name} {got} != {want}" for name, got, want in checks if got != want]
+    if problems:
+        raise ConfigError(f"{what} does not fit {section}: " + "; ".join(problems))
+
+
 def init_vision_from(model: BridgeTowerForPretraining, source: str) -> None:
     """Vision tower ← CLIP (CLIPModel or CLIPVisionModel checkpoint; Hub name or directory)."""
     from transformers import CLIPVisionModel
@@ -335,21 +342,15 @@ def init_vision_from(model: BridgeTowerForPretraining, source: str) -> None:
     v = model.cfg.vision
     clip = CLIPVisionModel.from_pretrained(source, weights_only=True)
     c = clip.config
-    problems = [
-        f"{name} {got} != {want}"
-        for name, got, want in (
-            ("hidden_size", c.hidden_size, v.hidden_size),
-            ("num_hidden_layers", c.num_hidden_layers, v.num_hidden_layers),
-            ("patch_size", c.patch_size, v.patch_size),
-            ("num_attention_heads", c.num_attention_heads, v.hidden_size // 64),
-            ("intermediate_size", c.intermediate_size, 4 * v.hidden_size),
-            ("hidden_act", c.hidden_act, "quick_gelu"),
-            ("layer_norm_eps", c.layer_norm_eps, v.layer_norm_eps),
-        )
-        if got != want
-    ]
-    if problems:
-        raise ConfigError(f"CLIP model {source} does not fit model.vision: " + "; ".join(problems))
+    _require_fit(f"CLIP model {source}", "model.vision", (
+        ("hidden_size", c.hidden_size, v.hidden_size),
+        ("num_hidden_layers", c.num_hidden_layers, v.num_hidden_layers),
+        ("patch_size", c.patch_size, v.patch_size),
+        ("num_attention_heads", c.num_attention_heads, v.hidden_size // 64),
+        ("intermediate_size", c.intermediate_size, 4 * v.hidden_size),
+        ("hidden_act", c.hidden_act, "quick_gelu"),
+        ("layer_norm_eps", c.layer_norm_eps, v.layer_norm_eps),
+    ))
     # transformers 5 flattens CLIPVisionModel; 4.x nests it under `vision_model.` (stripped by the converter)
     state = clip_to_visual_state(clip.state_dict(), v.num_hidden_layers, v.image_size // v.patch_size)
     model.bridgetower.vision_model.visual.load_state_dict(state, strict=True)
@@ -362,24 +363,18 @@ def init_text_from(model: BridgeTowerForPretraining, source: str) -> None:
     t = model.cfg.text
     rob = RobertaModel.from_pretrained(source, weights_only=True)
     c = rob.config
-    problems = [
-        f"{name} {got} != {want}"
-        for name, got, want in (
-            ("vocab_size", c.vocab_size, t.vocab_size),
-            ("hidden_size", c.hidden_size, t.hidden_size),
-            ("num_hidden_layers", c.num_hidden_layers, t.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads, t.num_attention_heads),
-            ("intermediate_size", c.intermediate_size, t.intermediate_size),
-            ("max_position_embeddings", c.max_position_embeddings, t.max_position_embeddings),
-            ("type_vocab_size", c.type_vocab_size, 1),
-            ("pad_token_id", c.pad_token_id, t.pad_token_id),
-            ("hidden_act", c.hidden_act, "gelu"),
-            ("layer_norm_eps", c.layer_norm_eps, t.layer_norm_eps),
-        )
-        if got != want
-    ]
-    if problems:
-        raise ConfigError(f"RoBERTa model {source} does not fit model.text: " + "; ".join(problems))
+    _require_fit(f"RoBERTa model {source}", "model.text", (
+        ("vocab_size", c.vocab_size, t.vocab_size),
+        ("hidden_size", c.hidden_size, t.hidden_size),
+        ("num_hidden_layers", c.num_hidden_layers, t.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads, t.num_attention_heads),
+        ("intermediate_size", c.intermediate_size, t.intermediate_size),
+        ("max_position_embeddings", c.max_position_embeddings, t.max_position_embeddings),
+        ("type_vocab_size", c.type_vocab_size, 1),
+        ("pad_token_id", c.pad_token_id, t.pad_token_id),
+        ("hidden_act", c.hidden_act, "gelu"),
+        ("layer_norm_eps", c.layer_norm_eps, t.layer_norm_eps),
+    ))
     state = {k: v for k, v in rob.state_dict().items() if not k.endswith(BUFFER_SUFFIXES)}
     text_model = model.bridgetower.text_model
     missing, unexpected = text_model.load_state_dict(state, strict=False)
