@@ -302,3 +302,29 @@ def test_graph_compiles_from_metrics_file(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps(records[:1]))
     assert read_metrics_file_compiles(str(tmp_path / "metrics.json"), None) == 1
     assert read_metrics_file_compiles(None) is None
+
+
+def test_device_rng_state_is_checkpointed_and_restored(rec, tmp_path):
+    """Each rank's HPU generator state goes into its rank file and comes back on resume; a checkpoint
+    resumed on another kind of device says, in one line, that its device state was not restored."""
+    from gaudi_pretrain.backends import select_backend
+    from gaudi_pretrain.train.checkpoint import read_rank_state, set_rng_state, write_rank_state
+
+    backend = _backend()
+    backend.prepare_environment()
+    saved = torch.tensor([7, 1, 2, 250], dtype=torch.uint8)
+    rec.STATE["rng"] = saved.clone()
+    write_rank_state(tmp_path, 3, {"cursor": 1}, "digest", backend=backend)
+    rank_state = read_rank_state(tmp_path, 3)
+    assert rank_state["rng"]["device"] == {"backend": "hpu", "state": [7, 1, 2, 250]}
+
+    rec.STATE["rng"] = torch.zeros(4, dtype=torch.uint8)  # the generator moved on after the save
+    assert set_rng_state(rank_state["rng"], backend) is None
+    assert torch.equal(rec.STATE["rng"], saved)
+    assert ("set_rng_state", torch.uint8, (4,)) in rec.EVENTS
+
+    cpu = select_backend(BackendConfig(name="cpu"), "fp32", 0)
+    warning = set_rng_state(rank_state["rng"], cpu)
+    assert warning is not None and "hpu RNG state is not restored on cpu" in warning
+    write_rank_state(tmp_path, 0, {}, "digest", backend=cpu)
+    assert "device" not in read_rank_state(tmp_path, 0)["rng"]  # CPU: torch's CPU state only

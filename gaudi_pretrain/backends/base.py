@@ -157,6 +157,14 @@ class Backend(ABC):
             pass
         torch.manual_seed(seed)
 
+    def rng_state(self) -> torch.Tensor | None:
+        """The device generator's state (drives dropout on the device), saved per rank for exact resume;
+        None where torch's CPU generator, which checkpoints always save, is the only one."""
+        return None
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore a state returned by `rng_state` on the same kind of device."""
+
     def peak_flops(self) -> float | None:
         """Peak dense FLOP/s of one device at the run's precision, for MFU; None when unknown."""
         return None

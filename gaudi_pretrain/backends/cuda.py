@@ -62,5 +62,11 @@ class CudaBackend(Backend):
         super().set_seed(seed)
         torch.cuda.manual_seed_all(seed)
 
+    def rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state, self.device)
+
     def peak_flops(self) -> float | None:
         return cuda_peak_flops(torch.cuda.get_device_name(self.device), self.precision)

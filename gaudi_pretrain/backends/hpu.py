@@ -14,6 +14,8 @@ What it does, in the order it happens:
 - Optimizer: `hpex.optimizers.FusedAdamW` with eps passed explicitly (its default is 1e-6, torch's 1e-8).
 - Clipping: `hpex.normalization.FusedClipNorm(params, max_norm).clip_norm(params)`.
 - Attention: `hpex.kernels.FusedSDPA.apply` behind torch SDPA's signature.
+- RNG: `torch.hpu.random.get_rng_state` / `set_rng_state`, saved per rank in checkpoints (dropout masks
+  of a resumed run equal the uninterrupted run's).
 
 gaudi_config.json (optimum-habana's GaudiConfig keys) is honoured:
 - use_fused_adam: FusedAdamW (true) or torch.optim.AdamW (false).
@@ -277,6 +279,16 @@ class HpuBackend(Backend):
         seed_hpu = getattr(self._hpu(), "manual_seed", None)
         if seed_hpu is not None:
             seed_hpu(seed)
+
+    def _random(self) -> Any:
+        self._core()
+        return importlib.import_module("habana_frameworks.torch.hpu.random")
+
+    def rng_state(self) -> torch.Tensor:
+        return self._random().get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._random().set_rng_state(state)
 
     def peak_flops(self) -> float | None:
         if self.precision != "bf16":

@@ -123,22 +123,39 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
     raise CheckpointError(f"no complete checkpoint at {spec}")
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(backend: Any = None) -> dict[str, Any]:
+    """Python, NumPy and torch CPU generator states, plus the device generator's (CUDA / HPU: dropout on
+    the device) under the backend's name when `backend` has one."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state().tolist(),
     }
+    device_state = backend.rng_state() if backend is not None else None
+    if device_state is not None:
+        state["device"] = {"backend": backend.name, "state": device_state.to("cpu").tolist()}
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], backend: Any = None) -> str | None:
+    """Restore what `rng_state` saved. Returns a warning when the checkpoint's device generator state
+    cannot be restored (saved on another kind of device): data order stays exact, dropout masks differ."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    saved = state.get("device")
+    if saved is None:
+        return None
+    here = getattr(backend, "name", None)
+    if saved["backend"] != here:
+        return (f"the checkpoint's {saved['backend']} RNG state is not restored on {here}: "
+                "data order is exact, dropout masks differ from an uninterrupted run")
+    backend.set_rng_state(torch.tensor(saved["state"], dtype=torch.uint8))
+    return None
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -151,9 +168,10 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def write_rank_state(ckpt_dir: Path, rank: int, data_state: dict[str, Any], digest: str,
-                     counters: dict[str, int] | None = None) -> None:
+                     counters: dict[str, int] | None = None, backend: Any = None) -> None:
     """This rank's data cursor, RNG states, weights digest and its own counters (e.g. skipped samples)."""
-    payload = {"data": data_state, "rng": rng_state(), "weights_sha256": digest, "counters": dict(counters or {})}
+    payload = {"data": data_state, "rng": rng_state(backend), "weights_sha256": digest,
+               "counters": dict(counters or {})}
     _atomic_write_text(ckpt_dir / f"rank_{rank:05d}.json", json.dumps(payload))
 
 

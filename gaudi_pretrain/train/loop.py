@@ -156,7 +156,7 @@ def save_checkpoint(ctx: RunContext) -> Path:
     maybe_crash("save_engine", s["step"], rank)
     weights = unwrapped_state_dict(ctx.engine, cfg.train.zero_stage)
     write_rank_state(root / tag, rank, ctx.loader.state_dict(), weights_digest(ctx.engine.module),
-                     counters={"skipped_samples": s["skipped_samples"]})
+                     counters={"skipped_samples": s["skipped_samples"]}, backend=ctx.backend)
     maybe_crash("mid_save", s["step"], rank)
     barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
     if rank == 0:
@@ -206,7 +206,7 @@ def restore_checkpoint(ctx: RunContext) -> None:
     rank_state = read_rank_state(path, ctx.dist.rank)
     verify_weights(path, ctx.engine.module, rank_state)
     ctx.loader.load_state_dict(rank_state["data"])
-    set_rng_state(rank_state["rng"])
+    rng_warning = set_rng_state(rank_state["rng"], ctx.backend)
     counters = rank_state.get("counters", {})
     ctx.state.update(
         step=client.step,
@@ -218,6 +218,8 @@ def restore_checkpoint(ctx: RunContext) -> None:
     _truncate_sample_log(ctx, client.step)
     if ctx.dist.rank == 0:
         print(f"resumed from {path} at step {client.step}", flush=True)
+        if rng_warning:
+            print(f"warning: {rng_warning}", flush=True)
 
 
 # -------------------------------------------------------------------------------- sample log

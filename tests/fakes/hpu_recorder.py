@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 EVENTS: list[tuple] = []
-STATE = {"available": True, "device_name": "GAUDI2", "compiles": 0, "max_memory": 123456}
+STATE: dict = {}
 
 
 def record(*event) -> None:
@@ -19,8 +19,15 @@ def record_import(module_name: str) -> None:
 
 
 def reset() -> None:
+    import torch
+
     EVENTS.clear()
-    STATE.update(available=True, device_name="GAUDI2", compiles=0, max_memory=123456)
+    STATE.clear()
+    STATE.update(available=True, device_name="GAUDI2", compiles=0, max_memory=123456,
+                 rng=torch.arange(16, dtype=torch.uint8))
+
+
+reset()
 
 
 def names(kind: str | None = None) -> list:
