@@ -35,8 +35,10 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+$(VENV)/.installed-dev: pyproject.toml tests/compat/transformers-4.55.txt $(VENV)/.installed
 	$(PIP) -e ".[dev,mpi]"
+	rm -rf $(VENV)/compat/transformers-4.55
+	$(PIP) --no-deps --target $(VENV)/compat/transformers-4.55 -r tests/compat/transformers-4.55.txt
 	touch $@
 
 clean:

@@ -201,7 +201,11 @@ def test_clip_init_reproduces_hidden_states(tmp_path):
                                                  num_attention_heads=2, vocab_size=50, bos_token_id=0,
                                                  eos_token_id=2, pad_token_id=1),
                                 vision_config=_tiny_clip_vision_config(S).to_dict(), projection_dim=16))
-    full.vision_model.load_state_dict(clip.state_dict())  # both CLIPVisionModel (4.x and 5.x alike)
+    # CLIPModel.vision_model is a CLIPVisionTransformer in transformers 4.x, a CLIPVisionModel in 5.x
+    weights = clip.state_dict()
+    if not any(k.startswith("vision_model.") for k in full.vision_model.state_dict()):
+        weights = {k.removeprefix("vision_model."): v for k, v in weights.items()}
+    full.vision_model.load_state_dict(weights)
     full.save_pretrained(tmp_path / "clip_full")
 
     px = torch.randn(2, 3, S, S)

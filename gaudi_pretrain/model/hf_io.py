@@ -78,6 +78,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
             "pad_token_id": t.pad_token_id,
             "bos_token_id": t.bos_token_id,
             "eos_token_id": t.eos_token_id,
+            # transformers 4.x ties the MLM decoder to the word embeddings when the *text* config says
+            # so (its default is True); BridgeTower's decoder is a separate matrix.
+            "tie_word_embeddings": False,
         },
         "vision_config": {
             "hidden_size": v.hidden_size,
