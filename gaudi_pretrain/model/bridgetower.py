@@ -79,12 +79,15 @@ class VisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(dim))
         self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch, stride=patch, bias=False)
         self.position_embedding = nn.Embedding(self.grid**2 + 1, dim)
+        self.register_buffer("position_ids", torch.arange(self.grid**2 + 1), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, S, S] → [B, Li, D]
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [B, D, g, g]
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x.dtype)
+        # Embeddings are looked up by calling their modules, never through `.weight`: ZeRO-3 gathers a
+        # partitioned parameter only when its own module runs.
+        return torch.cat([cls, x], dim=1) + self.position_embedding(self.position_ids).to(x.dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -155,7 +158,7 @@ class TextEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] → [B, L, H]
         not_pad = input_ids.ne(self.pad_id).long()
         positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(not_pad[0, :1] * 0)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -338,7 +341,7 @@ class BridgeTowerModel(_Checkpointable):
         the first also through cross_modal_image_layernorm."""
         visual = self.vision_model.visual
         outs = visual(pixel_values, num_layers=self.cfg.text.num_hidden_layers)[self.split_index - 1 :]
-        type_emb = self.token_type_embeddings.weight[1]
+        type_emb = self.token_type_embeddings(torch.ones(1, dtype=torch.long, device=pixel_values.device))
         feats = [self.cross_modal_image_transform(visual.ln_post(x)) + type_emb for x in outs]
         feats[0] = self.cross_modal_image_layernorm(feats[0])
         return tuple(feats)
@@ -346,7 +349,7 @@ class BridgeTowerModel(_Checkpointable):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Features:
         """Text-side bridge inputs: C tensors [B, L, H] (transform + text type embedding; first one normed)."""
         outs = self.text_model(input_ids, attention_mask)[self.split_index - 1 :]
-        type_emb = self.token_type_embeddings.weight[0]
+        type_emb = self.token_type_embeddings(torch.zeros(1, dtype=torch.long, device=input_ids.device))
         feats = [self.cross_modal_text_transform(x) + type_emb for x in outs]
         feats[0] = self.cross_modal_text_layernorm(feats[0])
         return tuple(feats)

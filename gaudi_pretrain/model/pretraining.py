@@ -20,8 +20,7 @@ a batch without any target gives 0, not NaN. Metric sums are returned as tensors
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,9 @@ IGNORE_INDEX = -100
 LOGIT_SCALE_INIT = 2.6592  # transformers' BridgeTowerConfig.logit_scale_init_value (-itm-mlm-itc)
 
 
-@dataclass
-class PretrainingOutput:
+class PretrainingOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks find tensors only in tuples, lists and dicts."""
+
     loss: torch.Tensor  # mlm_loss + itm_loss
     mlm_loss: torch.Tensor
     itm_loss: torch.Tensor

@@ -159,9 +159,12 @@ def set_rng_state(state: dict[str, Any], backend: Any = None) -> str | None:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of this rank's parameter bytes: replicas that trained in lockstep have equal digests."""
+    """SHA-256 of this rank's parameter bytes: replicas that trained in lockstep have equal digests. Under
+    ZeRO-3 a rank holds only its partition (`ds_tensor`; the module's own tensors are empty placeholders),
+    so the digest covers that partition and differs between ranks."""
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
+    for name, p in sorted(module.state_dict(keep_vars=True).items()):
+        p = getattr(p, "ds_tensor", p)
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
