@@ -212,3 +212,37 @@ def test_inspect_reports_counts_and_captions(tmp_path):
     assert report["total_samples"] == 4 and [s["samples"] for s in report["shards"]] == [2, 2]
     assert report["members_by_extension"] == {"jpg": 4, "txt": 4, "json": 4}
     assert report["example_captions"] == ["000000000: cap img0.jpg", "000000001: cap img1.jpg"]
+
+
+def test_key_prefix_keeps_two_sources_apart(tmp_path):
+    """Two builds trained together: with a prefix each, their keys never collide; the prefix is part of
+    the shard's identity (changing it rebuilds), and one that webdataset would split is refused."""
+    from conftest import run_cli
+
+    names = _images(tmp_path / "imgs", 3)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"image": f"imgs/{n}", "caption": f"caption {n}"}) + "\n" for n in names))
+    keys = {}
+    for prefix in ("cc3m-", "coco_"):
+        manifest = shards.build_shards(shards.records_from_jsonl(path), tmp_path / prefix, image_size=32,
+                                       samples_per_shard=2, progress=False, key_prefix=prefix)
+        assert manifest["key_prefix"] == prefix and manifest["total"] == 4
+        found = [key for tar in sorted((tmp_path / prefix).glob("*.tar")) for key in _read_tar(tar)]
+        assert all(k.startswith(prefix) and k[len(prefix):].isdigit() for k in found), found
+        metas = [json.loads(p["json"]) for tar in (tmp_path / prefix).glob("*.tar") for p in _read_tar(tar).values()]
+        assert sorted(m["key"] for m in metas) == sorted(found)
+        keys[prefix] = found
+    assert len(keys["cc3m-"]) == 4 and not set(keys["cc3m-"]) & set(keys["coco_"])
+
+    rebuilt = shards.build_shards(shards.records_from_jsonl(path), tmp_path / "cc3m-", image_size=32,
+                                  samples_per_shard=2, progress=False, key_prefix="cc3m-")
+    assert rebuilt["reused_shards"] == 2
+    renamed = shards.build_shards(shards.records_from_jsonl(path), tmp_path / "cc3m-", image_size=32,
+                                  samples_per_shard=2, progress=False, key_prefix="sbu-")
+    assert renamed["reused_shards"] == 0
+
+    out = tmp_path / "refused"
+    result = run_cli(["shards", "build", "--jsonl", str(path), "--out", str(out), "--key-prefix", "cc3m.v2",
+                      "--no-progress"])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cc3m.v2" in result.stderr and not out.exists()

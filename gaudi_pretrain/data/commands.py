@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
     build.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per shard (default 10000)")
     build.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     build.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    build.add_argument("--key-prefix", default="", metavar="PREFIX",
+                       help="prefix of every sample key, e.g. 'cc3m-' (letters, digits, _ and -; default none): "
+                       "give each source its own when a run trains on several builds")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_build)
 
@@ -86,7 +89,7 @@ def _build(args: argparse.Namespace) -> int:
         inputs = shards.records_from_coco(args.coco_json, args.coco_images)
     manifest = shards.build_shards(
         inputs, args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
-        workers=args.workers, quality=args.quality, progress=not args.no_progress,
+        workers=args.workers, quality=args.quality, progress=not args.no_progress, key_prefix=args.key_prefix,
     )
     skipped = manifest["skipped"]
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped["by_reason"].items())) or "none"

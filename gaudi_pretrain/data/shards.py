@@ -2,7 +2,7 @@
 
 Format (img2dataset-compatible): `<out>/00000.tar …`, each sample `<key>.jpg` (re-encoded, shorter side
 resized to `image_size`, bicubic), `<key>.txt` (caption) and `<key>.json` (key, caption, width, height,
-original_width, original_height, source); keys are 9 digits. Beside each tar `<stem>_stats.json`
+original_width, original_height, source); keys are an optional prefix + 9 digits. Beside each tar `<stem>_stats.json`
 (samples, skipped inputs, a hash of the inputs that went into it) and, written last, `manifest.json`
 (shards with sample counts and byte sizes, total, skipped inputs by reason).
 
@@ -143,6 +143,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def is_safe_key(key: str) -> bool:
@@ -491,13 +492,14 @@ class _ShardJob:
     records: tuple[Record, ...]
     image_size: int
     quality: int
+    key_prefix: str = ""
 
     @property
     def name(self) -> str:
         return f"{self.index:05d}"
 
     def digest(self) -> str:
-        h = hashlib.sha256(json.dumps([self.image_size, self.quality, self.first_key]).encode())
+        h = hashlib.sha256(json.dumps([self.image_size, self.quality, self.first_key, self.key_prefix]).encode())
         for r in self.records:
             h.update(json.dumps([r.image, r.caption, r.source]).encode())
         return h.hexdigest()[:20]
@@ -545,7 +547,7 @@ def _write_shard(job: _ShardJob) -> dict[str, Any]:
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
             for offset, rec in enumerate(job.records):
-                key = f"{job.first_key + offset:09d}"
+                key = f"{job.key_prefix}{job.first_key + offset:09d}"
                 try:
                     jpg, dims = _encode_sample(_load_image_bytes(rec.image, tars), job.image_size, job.quality)
                 except FileNotFoundError:
@@ -591,13 +593,13 @@ def _complete_stats(job: _ShardJob) -> dict[str, Any] | None:
 
 
 def _plan_jobs(records: Sequence[Record], out: Path, image_size: int, quality: int,
-               samples_per_shard: int, shard_sizes: Sequence[int] | None) -> list[_ShardJob]:
+               samples_per_shard: int, shard_sizes: Sequence[int] | None, key_prefix: str = "") -> list[_ShardJob]:
     sizes = list(shard_sizes) if shard_sizes else []
     jobs, start = [], 0
     while start < len(records):
         size = sizes[len(jobs)] if len(jobs) < len(sizes) else samples_per_shard
         chunk = tuple(records[start:start + size])
-        jobs.append(_ShardJob(str(out), len(jobs), start, chunk, image_size, quality))
+        jobs.append(_ShardJob(str(out), len(jobs), start, chunk, image_size, quality, key_prefix))
         start += size
     return jobs
 
@@ -612,17 +614,23 @@ def build_shards(
     quality: int = 90,
     shard_sizes: Sequence[int] | None = None,
     progress: bool = True,
+    key_prefix: str = "",
 ) -> dict[str, Any]:
     """Write `inputs` as shards into `out_dir`; shards already complete from an identical earlier run
-    are kept. Returns (and writes, last) the manifest."""
+    are kept. Keys are `key_prefix` + 9 digits from 0: give each source its own prefix when one run
+    trains on several builds, so that their keys (sample logs, exactly-once audits) stay distinct.
+    Returns (and writes, last) the manifest."""
     from tqdm import tqdm
 
     if samples_per_shard <= 0 or image_size <= 0:
         raise DataError("samples_per_shard and image_size must be positive")
+    if not _KEY_PREFIX.fullmatch(key_prefix) or len(key_prefix) > 64:
+        raise DataError(f"key prefix {key_prefix!r} may hold only letters, digits, '_' and '-' (at most 64): "
+                        "webdataset splits keys at the first dot")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     inputs = dedupe(inputs)
-    jobs = _plan_jobs(inputs.records, out, image_size, quality, samples_per_shard, shard_sizes)
+    jobs = _plan_jobs(inputs.records, out, image_size, quality, samples_per_shard, shard_sizes, key_prefix)
     _remove_stale(out, len(jobs))
     results: dict[int, dict[str, Any]] = {}
     todo = []
@@ -648,7 +656,7 @@ def build_shards(
                 bar.update(len(job.records))
     finally:
         bar.close()
-    manifest = _manifest(jobs, results, inputs.skipped, image_size, reused=len(jobs) - len(todo))
+    manifest = _manifest(jobs, results, inputs.skipped, image_size, reused=len(jobs) - len(todo), key_prefix=key_prefix)
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -664,13 +672,14 @@ def _remove_stale(out: Path, n_shards: int) -> None:
 
 
 def _manifest(jobs: list[_ShardJob], results: dict[int, dict[str, Any]], input_skips: list[dict[str, str]],
-              image_size: int, reused: int) -> dict[str, Any]:
+              image_size: int, reused: int, key_prefix: str = "") -> dict[str, Any]:
     skipped = list(input_skips)
     for job in jobs:
         skipped.extend(results[job.index]["skipped"])
     return {
         "format": "gaudi_pretrain webdataset shards v1",
         "image_size": image_size,
+        "key_prefix": key_prefix,
         "total": sum(r["samples"] for r in results.values()),
         "shards": [{"name": results[j.index]["shard"], "samples": results[j.index]["samples"],
                     "bytes": results[j.index]["bytes"]} for j in jobs],
