@@ -314,16 +314,17 @@ def test_crash_during_checkpoint_save_never_picks_a_partial_directory(demo_shard
 # ------------------------------------------------------------------------------- 4. non-finite
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # fp32: the loop clips and checks; bf16: DeepSpeed does
+# fp32 ZeRO-0: the loop clips and checks; bf16 (ZeRO-0, and ZeRO-1 as in the presets): DeepSpeed clips.
+@pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state(demo_shards, tmp_path,
-                                                                                       precision):
+                                                                                       precision, zero_stage):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
     env = _fault_env("nan_grad:2,nan_loss:5-")  # step 2: finite loss, NaN gradients; 5 on: NaN loss
     result = _train(demo_shards, run, env=env, **{
         "data.train_shards": f"['{demo_shards}/train/00003.tar']", "train.precision": precision,
-        "train.max_steps": 10, "train.max_consecutive_nonfinite": 3, "checkpoint.every_steps": 1,
+        "train.zero_stage": zero_stage, "train.max_steps": 10, "train.max_consecutive_nonfinite": 3, "checkpoint.every_steps": 1,
         "checkpoint.keep_last": 10})
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
