@@ -464,6 +464,23 @@ def test_resume_never_unpickles_code_from_a_checkpoint(demo_shards, finished_run
     assert not marker.exists(), "the checkpoint's pickle ran code"
 
 
+@pytest.mark.parametrize("key, value, saved", [("zero_stage", "1", "0"), ("precision", "bf16", "fp32")])
+def test_resume_with_another_optimizer_layout_is_one_clear_line(demo_shards, finished_run, tmp_path, key, value, saved):
+    """DeepSpeed cannot load a ZeRO-0 fp32 optimizer state into a ZeRO-1 or bf16 engine (it fails with a
+    bare assertion deep inside); the resume says which setting changed and what to do instead."""
+    run, ckpt = _copy_run(finished_run, tmp_path)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    result = _train(demo_shards, run, "--resume", "auto", **{
+        "data.train_shards": f"['{demo_shards}/train/00003.tar']", "train.max_steps": 4,
+        "checkpoint.every_steps": 2, f"train.{key}": value})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"{ckpt} was saved with train.{key}={saved}, this run has {value}" in last, last
+    assert "model.from_pretrained" in last, last
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_resume_refuses_weights_that_are_not_the_saved_ones(demo_shards, finished_run, tmp_path):
     """A same-size edit of DeepSpeed's weights file passes the size record; the weights digest catches it."""
     run, ckpt = _copy_run(finished_run, tmp_path)

@@ -165,12 +165,17 @@ def save_checkpoint(ctx: RunContext) -> Path:
             samples_seen=s["samples_seen"],
             config_fingerprint=cfg.fingerprint(),
             world_size=ctx.dist.world_size,
-            extra={"nonfinite_steps": s["nonfinite_steps"]},
+            extra={"nonfinite_steps": s["nonfinite_steps"], **_optimizer_layout(cfg)},
         )
         write_run_files(root / tag, cfg, client, weights)
         publish(root, tag, cfg.checkpoint.keep_last)
     barrier()
     return root / tag
+
+
+def _optimizer_layout(cfg: Any) -> dict[str, Any]:
+    """The settings that shape DeepSpeed's saved optimizer state: a resume must keep them."""
+    return {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision}
 
 
 def restore_checkpoint(ctx: RunContext) -> None:
@@ -198,6 +203,14 @@ def restore_checkpoint(ctx: RunContext) -> None:
             f"{path} was written by {client.world_size} ranks, this run has {ctx.dist.world_size}: "
             "the per-rank data cursors cannot be re-split exactly"
         )
+    for key, now in _optimizer_layout(ctx.cfg).items():
+        saved = client.extra.get(key, now)  # absent in checkpoints written before this was recorded
+        if saved != now:
+            raise CheckpointError(
+                f"{path} was saved with train.{key}={saved}, this run has {now}: DeepSpeed cannot convert its "
+                f"optimizer state; resume with train.{key}={saved}, or export the weights (gaudi-pretrain "
+                "export-hf) and start a new run from them with model.from_pretrained"
+            )
     verify_files(path, client)
     with weights_only_torch_load():
         load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
