@@ -22,7 +22,7 @@ whatever a crafted file asks. Resume therefore (1) checks that the directory hol
 sizes recorded in client_state.json (`verify_files`), (2) runs DeepSpeed's load inside
 `weights_only_torch_load()`, where every torch.load is weights_only=True with only DeepSpeed's own
 checkpoint classes allowed (a foreign object is refused with a CheckpointError, never constructed), and
-(3) compares the loaded weights with the digest each rank wrote at save time (`verify_weights`).
+(3) compares the loaded weights with the digest each rank wrote at save time (`weights_match`).
 """
 
 from __future__ import annotations
@@ -158,13 +158,14 @@ def set_rng_state(state: dict[str, Any], backend: Any = None) -> str | None:
     return None
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of this rank's parameter bytes: replicas that trained in lockstep have equal digests. Under
-    ZeRO-3 a rank holds only its partition (`ds_tensor`; the module's own tensors are empty placeholders),
-    so the digest covers that partition and differs between ranks."""
+def weights_digest(weights: dict[str, torch.Tensor]) -> str | None:
+    """SHA-256 of a rank's unwrapped weights (name + raw bytes): replicas that trained in lockstep have
+    equal digests. None for an empty dict: under ZeRO-3 only rank 0 holds the gathered weights, and the
+    digest of the whole model is the only one that does not depend on how DeepSpeed partitions it."""
+    if not weights:
+        return None
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict(keep_vars=True).items()):
-        p = getattr(p, "ds_tensor", p)
+    for name, p in sorted(weights.items()):
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -223,11 +224,12 @@ def verify_files(ckpt_dir: Path, client: ClientState) -> None:
         raise CheckpointError(f"{ckpt_dir / extra[0]} was not written by this checkpoint's save: refusing to load it")
 
 
-def verify_weights(ckpt_dir: Path, module: torch.nn.Module, rank_state: dict[str, Any]) -> None:
-    """After loading: this rank's weights are bit-identical to the ones whose digest it wrote at save time."""
+def weights_match(weights: dict[str, torch.Tensor], rank_state: dict[str, Any]) -> bool:
+    """After loading: this rank's weights are bit-identical to the ones whose digest it wrote at save time
+    (True when there is nothing to compare: no digest recorded, or a ZeRO-3 rank other than 0)."""
     want = rank_state.get("weights_sha256")
-    if want and weights_digest(module) != want:
-        raise CheckpointError(f"weights loaded from {ckpt_dir} differ from the ones saved there (sha256 mismatch)")
+    have = weights_digest(weights)
+    return not want or have is None or have == want
 
 
 def _safe_globals() -> list[Any]:

@@ -155,7 +155,7 @@ def save_checkpoint(ctx: RunContext) -> Path:
     ctx.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
     maybe_crash("save_engine", s["step"], rank)
     weights = unwrapped_state_dict(ctx.engine, cfg.train.zero_stage)
-    write_rank_state(root / tag, rank, ctx.loader.state_dict(), weights_digest(ctx.engine.module),
+    write_rank_state(root / tag, rank, ctx.loader.state_dict(), weights_digest(weights),
                      counters={"skipped_samples": s["skipped_samples"]}, backend=ctx.backend)
     maybe_crash("mid_save", s["step"], rank)
     barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
@@ -181,13 +181,15 @@ def _optimizer_layout(cfg: Any) -> dict[str, Any]:
 def restore_checkpoint(ctx: RunContext) -> None:
     """Resume from `checkpoint.resume`: verify the directory, load it without unpickling anything but
     tensors, and check that the weights are the saved ones (the trust boundary is in checkpoint.py)."""
+    import torch
+
     from gaudi_pretrain.train.checkpoint import (
         read_client_state,
         read_rank_state,
         resolve_checkpoint,
         set_rng_state,
         verify_files,
-        verify_weights,
+        weights_match,
         weights_only_torch_load,
     )
 
@@ -217,7 +219,10 @@ def restore_checkpoint(ctx: RunContext) -> None:
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     rank_state = read_rank_state(path, ctx.dist.rank)
-    verify_weights(path, ctx.engine.module, rank_state)
+    weights = unwrapped_state_dict(ctx.engine, ctx.cfg.train.zero_stage)  # a collective under ZeRO-3
+    match = torch.tensor(weights_match(weights, rank_state), device=ctx.backend.device)
+    if not _all_ranks_true(match):
+        raise CheckpointError(f"weights loaded from {path} differ from the ones saved there (sha256 mismatch)")
     ctx.loader.load_state_dict(rank_state["data"])
     rng_warning = set_rng_state(rank_state["rng"], ctx.backend)
     counters = rank_state.get("counters", {})
