@@ -35,10 +35,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml tests/compat/transformers-4.55.txt $(VENV)/.installed
+$(VENV)/.installed-dev: pyproject.toml tests/compat/transformers-4.55.txt tests/compat/deepspeed-0.16.txt $(VENV)/.installed
 	$(PIP) -e ".[dev,mpi]"
-	rm -rf $(VENV)/compat/transformers-4.55
+	rm -rf $(VENV)/compat/transformers-4.55 $(VENV)/compat/deepspeed-0.16
 	$(PIP) --no-deps --target $(VENV)/compat/transformers-4.55 -r tests/compat/transformers-4.55.txt
+	$(PIP) --no-deps --target $(VENV)/compat/deepspeed-0.16 -r tests/compat/deepspeed-0.16.txt
 	touch $@
 
 clean:

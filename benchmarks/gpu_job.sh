@@ -36,7 +36,7 @@ if [ "$SMOKE" = 1 ]; then
   STEP_ARGS=(--steps 2 --warmup 1)
   E2E_ARGS=(--steps 8 --log-every 2 --skip-steps 2 --images 128 --source-size 64x48 --workers 1 --build-workers 2)
   LOSS_ARGS=(--micro-batch 8 --steps 4)
-  VARIANTS=(--variant engine=torch --variant "vision=twice,qkv=fused,ga=2,optim=foreach")
+  VARIANTS=(--variant engine=torch --variant "vision=twice,qkv=fused,ga=2,optim=foreach" --variant "precision=bf16,zero=1")
 else
   CONFIG=configs/bridgetower_large.yaml DEV=()
   STEP_ARGS=(--steps 10 --warmup 3)

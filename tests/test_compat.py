@@ -1,10 +1,16 @@
-"""The model, its Hugging Face I/O and the optimizer grouping under transformers 4.55.
+"""The library versions Gaudi images bring, which the main test venv does not have.
 
-optimum-habana pins transformers 4.55 on Gaudi images, and pyproject allows >=4.55,<6, while the test
-venv gets 5.x. `make test` installs 4.55 into <venv>/compat/transformers-4.55 (tests/compat/); this test
-reruns the transformers-facing test files with that overlay first on PYTHONPATH. It caught two real
-differences: 4.x ties the MLM decoder to the word embeddings unless the text config says not to, and
-4.x's CLIPModel.vision_model is a CLIPVisionTransformer (no `vision_model.` prefix).
+- transformers 4.55: optimum-habana pins it (pyproject allows >=4.55,<6; the venv gets 5.x). The model,
+  HF I/O, optimizer grouping and transform tests rerun under it. It caught two real differences: 4.x ties
+  the MLM decoder to the word embeddings unless the text config says not to, and 4.x's
+  CLIPModel.vision_model is a CLIPVisionTransformer (no `vision_model.` prefix).
+- DeepSpeed 0.16.1: Habana's fork for SW 1.21 is based on it (the venv gets 0.19). The non-finite step
+  tests (bf16, ZeRO 0/1/3) and 2-rank training rerun under it. It caught that 0.16 does not skip
+  non-finite bf16 steps (ZeRO-0 fails an assertion, ZeRO-1/3 apply the NaN update; see
+  train/nonfinite.py).
+
+`make test` installs each into <venv>/compat/<name> (pins in tests/compat/); the tests run pytest in a
+subprocess with that overlay first on PYTHONPATH and check the version it imported.
 """
 
 from __future__ import annotations
@@ -17,27 +23,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OVERLAY = Path(sys.prefix) / "compat" / "transformers-4.55"
-FILES = ["tests/test_model_bridgetower.py", "tests/test_model_hf_io.py", "tests/test_optim.py",
-         "tests/test_data_transforms.py"]
 
 
-def _overlay_env() -> dict[str, str]:
+def _rerun_under(overlay_name: str, module: str, version_prefix: str, pytest_args: list[str]) -> None:
+    overlay = Path(sys.prefix) / "compat" / overlay_name
+    if not overlay.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{overlay} is missing: run the tests through `make test`")
+        pytest.skip(f"{overlay} not installed (`make test` installs it)")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(OVERLAY), env.get("PYTHONPATH")]))
-    return env
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(overlay), env.get("PYTHONPATH")]))
+    version = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert version.startswith(version_prefix), version
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                          *pytest_args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=800)
+    last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in last and "skipped" not in last, run.stdout[-500:]
 
 
 def test_model_and_hf_io_pass_under_transformers_4_55():
-    if not OVERLAY.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"{OVERLAY} is missing: run the tests through `make test`")
-        pytest.skip(f"{OVERLAY} not installed (`make test` installs it)")
-    env = _overlay_env()
-    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
-                             env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    assert version.startswith("4.55."), version
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *FILES],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout.splitlines()[-1] and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]
+    _rerun_under("transformers-4.55", "transformers", "4.55.", [
+        "tests/test_model_bridgetower.py", "tests/test_model_hf_io.py", "tests/test_optim.py",
+        "tests/test_data_transforms.py"])
+
+
+def test_training_passes_under_deepspeed_0_16():
+    _rerun_under("deepspeed-0.16", "deepspeed", "0.16.", [
+        "tests/test_reliability.py", "-k", "nonfinite and bf16",
+        "tests/test_train.py::test_two_ranks_torchrun_disjoint_data_identical_weights"])

@@ -315,7 +315,7 @@ def test_crash_during_checkpoint_save_never_picks_a_partial_directory(demo_shard
 
 
 # fp32 ZeRO-0: the loop clips and checks; bf16 (ZeRO-0, and ZeRO-1 as in the presets): DeepSpeed clips.
-@pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
+@pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 3)])
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state(demo_shards, tmp_path,
                                                                                        precision, zero_stage):
     from safetensors.torch import load_file

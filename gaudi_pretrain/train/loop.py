@@ -32,6 +32,7 @@ class RunContext:
     run_dir: Path
     tokenizer: Any
     flops_per_sample: float
+    grad_check: Any = None  # GradientCheck where DeepSpeed holds the gradients (bf16 or ZeRO >= 1)
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +93,7 @@ def setup(cfg: RunConfig) -> RunContext:
     from gaudi_pretrain.distributed import init_distributed
     from gaudi_pretrain.model import flops_per_sample, set_attention_fn
     from gaudi_pretrain.model.hf_io import build_model
+    from gaudi_pretrain.train.nonfinite import gradient_check_for
     from gaudi_pretrain.train.optim import make_scheduler, param_groups
 
     init_distributed(info, backend.dist_backend)
@@ -117,6 +119,7 @@ def setup(cfg: RunConfig) -> RunContext:
         run_dir=run_dir,
         tokenizer=tokenizer,
         flops_per_sample=flops_per_sample(cfg.model, cfg.data.max_text_len),
+        grad_check=gradient_check_for(engine.module, backend),
     )
 
 
@@ -327,10 +330,12 @@ def _optimizer_step(ctx: RunContext, finite: Any) -> bool:
     """The boundary micro-step: clip, check finiteness (one host sync), then step or skip.
 
     When the loop clips (fp32, ZeRO 0: gradients are param.grad) the pre-clip global norm tells whether
-    the gradients are finite; a bad step is skipped here. When DeepSpeed clips (bf16 / ZeRO), its optimizer
-    checks the gradient norm itself and skips a non-finite step (DeepSpeed's overflow handling: no update,
-    no lr-schedule step); `engine.was_step_applied()` reports it."""
+    the gradients are finite. When DeepSpeed clips (bf16 / ZeRO), the gradients are checked as autograd
+    produces them (`GradientCheck`), because not every DeepSpeed version skips non-finite bf16 steps.
+    Either way a bad step is skipped here (`nonfinite.skip_step`: no update, no lr-schedule step)."""
     import torch
+
+    from gaudi_pretrain.train.nonfinite import skip_step
 
     engine, backend, cfg = ctx.engine, ctx.backend, ctx.cfg
     if backend.clips_gradients:
@@ -340,12 +345,15 @@ def _optimizer_step(ctx: RunContext, finite: Any) -> bool:
         if norm is not None:
             finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
         if not _all_ranks_true(finite):
-            _skip_engine_step(engine)
+            skip_step(engine)
             return False
         engine.step()
         return True
+    if not _all_ranks_true(finite & ctx.grad_check.finite()):
+        skip_step(engine)  # DeepSpeed 0.16 (Habana's fork) would apply it: see nonfinite.py
+        return False
     engine.step()
-    return _all_ranks_true(finite) and bool(engine.was_step_applied())
+    return bool(engine.was_step_applied())
 
 
 def _all_ranks_true(flag: Any) -> bool:
@@ -357,17 +365,6 @@ def _all_ranks_true(flag: Any) -> bool:
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
-
-
-def _skip_engine_step(engine: Any) -> None:
-    """What DeepSpeed does on an overflow, for the path where the loop detects it (fp32, ZeRO 0):
-    drop the gradients, leave weights, optimizer moments and the lr schedule untouched, and advance
-    DeepSpeed's counters as its own skipped step would (so the accumulation boundary stays aligned)."""
-    engine.zero_grad()
-    engine.skipped_steps += 1
-    engine.global_steps += 1
-    engine.global_samples += engine.train_batch_size()
-    engine.micro_steps += 1
 
 
 def _count_nonfinite(ctx: RunContext, applied: bool) -> bool:
