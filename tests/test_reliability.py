@@ -350,6 +350,30 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good
     assert json.loads((ckpt7 / "client_state.json").read_text())["extra"]["nonfinite_steps"] == 4
 
 
+def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(demo_shards, tmp_path):
+    """bf16 ZeRO-1 on 2 ranks, NaN gradients on rank 1 only at step 2: both ranks skip step 2 (the
+    decision is all-reduced), keep identical weights equal to step 1's, and train on from step 3."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    result = _train(demo_shards, run, env=_fault_env("nan_grad:2@1"), ranks=2, port=29577, **{
+        "train.precision": "bf16", "train.zero_stage": 1, "train.max_steps": 4, "checkpoint.every_steps": 1,
+        "checkpoint.keep_last": 10})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _train_records(run)
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 1, 1]
+    assert [r["loss"] is None for r in records] == [False, True, False, False]
+    ckpts = run / "checkpoints"
+    for step in range(1, 5):
+        digests = {json.loads((ckpts / f"step_{step:08d}" / f"rank_{r:05d}.json").read_text())["weights_sha256"]
+                   for r in (0, 1)}
+        assert len(digests) == 1, f"ranks diverged at step {step}"
+    weights = {s: load_file(str(ckpts / f"step_{s:08d}" / "model.safetensors")) for s in (1, 2, 3)}
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "step 2 changed weights"
+    assert not all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2]), "step 3 did not train"
+    assert all(torch.isfinite(t).all() for t in weights[3].values())
+
+
 # ------------------------------------------------------------------------------- 5. bad input
 
 
