@@ -152,13 +152,14 @@ class TextEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(t.vocab_size, t.hidden_size, padding_idx=t.pad_token_id)
         self.position_embeddings = nn.Embedding(t.max_position_embeddings, t.hidden_size, padding_idx=t.pad_token_id)
         self.token_type_embeddings = nn.Embedding(1, t.hidden_size)
+        self.register_buffer("token_type_ids", torch.zeros(1, dtype=torch.long), persistent=False)
         self.LayerNorm = LayerNorm(t.hidden_size, eps=t.layer_norm_eps)
         self.dropout = nn.Dropout(DROPOUT)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] → [B, L, H]
         not_pad = input_ids.ne(self.pad_id).long()
         positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(not_pad[0, :1] * 0)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(self.token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -307,6 +308,7 @@ class BridgeTowerModel(_Checkpointable):
         self.cross_modal_text_transform = nn.Linear(t.hidden_size, h)
         self.cross_modal_image_transform = nn.Linear(cfg.vision.hidden_size, h)
         self.token_type_embeddings = nn.Embedding(2, h)  # 0 = text, 1 = image
+        self.register_buffer("token_type_ids", torch.arange(2).unsqueeze(1), persistent=False)  # [[0], [1]]
         self.vision_model = VisionModel(cfg)
         self.text_model = TextModel(cfg)
 
@@ -341,7 +343,7 @@ class BridgeTowerModel(_Checkpointable):
         the first also through cross_modal_image_layernorm."""
         visual = self.vision_model.visual
         outs = visual(pixel_values, num_layers=self.cfg.text.num_hidden_layers)[self.split_index - 1 :]
-        type_emb = self.token_type_embeddings(torch.ones(1, dtype=torch.long, device=pixel_values.device))
+        type_emb = self.token_type_embeddings(self.token_type_ids[1])
         feats = [self.cross_modal_image_transform(visual.ln_post(x)) + type_emb for x in outs]
         feats[0] = self.cross_modal_image_layernorm(feats[0])
         return tuple(feats)
@@ -349,7 +351,7 @@ class BridgeTowerModel(_Checkpointable):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Features:
         """Text-side bridge inputs: C tensors [B, L, H] (transform + text type embedding; first one normed)."""
         outs = self.text_model(input_ids, attention_mask)[self.split_index - 1 :]
-        type_emb = self.token_type_embeddings(torch.zeros(1, dtype=torch.long, device=input_ids.device))
+        type_emb = self.token_type_embeddings(self.token_type_ids[0])
         feats = [self.cross_modal_text_transform(x) + type_emb for x in outs]
         feats[0] = self.cross_modal_text_layernorm(feats[0])
         return tuple(feats)

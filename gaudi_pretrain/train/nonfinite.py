@@ -20,7 +20,9 @@ class GradientCheck:
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.total = torch.zeros((), dtype=torch.float32, device=device)
-        self.handles = [p.register_hook(self._add) for p in module.parameters() if p.requires_grad]
+        for p in module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._add)
 
     def _add(self, grad: torch.Tensor) -> None:
         self.total.add_(grad.sum(dtype=torch.float32))
@@ -30,11 +32,6 @@ class GradientCheck:
         ok = torch.isfinite(self.total)
         self.total.zero_()
         return ok
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 def gradient_check_for(module: torch.nn.Module, backend: Any) -> GradientCheck | None:
