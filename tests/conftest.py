@@ -45,6 +45,12 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def torchrun(port: int, nproc: int = 2) -> list[str]:
+    """Launcher prefix for `run_cli`: `nproc` ranks of `python -m gaudi_pretrain` under torchrun (gloo)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+            "-m", "gaudi_pretrain"]
+
+
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 600, launcher: list[str] | None = None):
     cmd = (launcher or [sys.executable, "-m", "gaudi_pretrain"]) + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=REPO)

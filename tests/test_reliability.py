@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import statistics
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_env, read_jsonl, run_cli, sample_log, tiny_overrides, write_tar
+from conftest import cli_env, read_jsonl, run_cli, sample_log, tiny_overrides, torchrun, write_tar
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,11 +34,7 @@ def _train(shards_root, run_dir, *extra, env=None, ranks=1, port=29571, **overri
     values = {"data.eval_shards": "[]", "train.micro_batch_size": MICRO, "logging.sample_log": "true",
               **QUIET, **overrides}
     args = ["train", "--config", "configs/tiny.yaml", *tiny_overrides(shards_root, run_dir, **values), *extra]
-    launcher = None
-    if ranks == 2:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    "-m", "gaudi_pretrain"]
-    return run_cli(args, env=env, launcher=launcher, timeout=400)
+    return run_cli(args, env=env, launcher=torchrun(port) if ranks == 2 else None, timeout=400)
 
 
 def _fault_env(spec: str) -> dict[str, str]:

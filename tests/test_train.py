@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_ranks_disjoint_and_in_sync, cli_env, read_jsonl, run_cli, sample_log, tiny_overrides
+from conftest import (
+    assert_ranks_disjoint_and_in_sync,
+    cli_env,
+    read_jsonl,
+    run_cli,
+    sample_log,
+    tiny_overrides,
+    torchrun,
+)
 
 
 def _train(shards, run_dir, *extra, env=None, launcher=None, **overrides):
@@ -39,14 +46,8 @@ def test_resume_after_kill_is_deterministic(demo_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
-    env = cli_env()
-    env["GAUDI_PRETRAIN_CRASH"] = "after_step:4"  # dies after step 4; the last checkpoint is step 3
-    killed = _train(demo_shards, resumed, env=env, **COMMON)
+    killed = _kill_and_resume(demo_shards, resumed, None, **COMMON)
     assert killed.returncode == -signal.SIGKILL
-    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    result = _train(demo_shards, resumed, "--resume", "auto", **COMMON)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout
 
     a, b = _losses(straight), _losses(resumed)
     assert sorted(a) == list(range(1, 7))
@@ -67,15 +68,15 @@ def test_resume_after_kill_is_deterministic(demo_shards, tmp_path):
 
 def test_two_ranks_torchrun_disjoint_data_identical_weights(demo_shards, tmp_path):
     run_dir = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
-                "-m", "gaudi_pretrain"]
-    result = _train(demo_shards, run_dir, launcher=launcher, **{**COMMON, "train.max_steps": 4,
+    result = _train(demo_shards, run_dir, launcher=torchrun(29561), **{**COMMON, "train.max_steps": 4,
                                                                 "checkpoint.every_steps": 4})
     assert result.returncode == 0, result.stderr[-3000:]
     assert_ranks_disjoint_and_in_sync(run_dir, steps=4, micro_batch=16)
 
 
 def _kill_and_resume(shards, run_dir, launcher, **overrides):
+    """Train until the injected kill after step 4, check `latest` names step 3, resume to the end; returns
+    the killed run's result."""
     env = cli_env()
     env["GAUDI_PRETRAIN_CRASH"] = "after_step:4"  # the last checkpoint is step 3
     killed = _train(shards, run_dir, env=env, launcher=launcher, **overrides)
@@ -84,21 +85,21 @@ def _kill_and_resume(shards, run_dir, launcher, **overrides):
     result = _train(shards, run_dir, "--resume", "auto", launcher=launcher, **overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
+    return killed
 
 
 def test_bf16_zero_1_and_3_resume_exactly_and_agree(demo_shards, tmp_path):
     """The production settings (bf16, ZeRO-1, gradient accumulation) and ZeRO-3, 2 ranks: a run killed
     after step 4 and resumed from step 3 repeats the uninterrupted run's losses and samples exactly; the
-    two stages agree within bf16 noise; ZeRO-3's checkpoint digests cover each rank's own partition (so
-    resume verifies them) and its export holds the whole model."""
+    two stages agree within bf16 noise; under ZeRO-3 rank 0's checkpoint digest covers the gathered model
+    (so resume verifies it) and the export holds the whole model."""
     from safetensors.torch import load_file
 
     overrides = {**COMMON, "train.micro_batch_size": 8, "train.gradient_accumulation_steps": 2,
                  "train.precision": "bf16"}
     losses, exports = {}, {}
     for stage in (1, 3):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={29570 + stage}", "-m", "gaudi_pretrain"]
+        launcher = torchrun(29570 + stage)
         stage_overrides = {**overrides, "train.zero_stage": stage}
         straight, resumed = tmp_path / f"zero{stage}_straight", tmp_path / f"zero{stage}_resumed"
         result = _train(demo_shards, straight, launcher=launcher, **stage_overrides)
