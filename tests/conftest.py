@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -45,10 +46,18 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def torchrun(port: int, nproc: int = 2) -> list[str]:
-    """Launcher prefix for `run_cli`: `nproc` ranks of `python -m gaudi_pretrain` under torchrun (gloo)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-            "-m", "gaudi_pretrain"]
+def free_port() -> int:
+    """A TCP port nobody listens on now (each launch takes its own: no two tests share a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """Launcher prefix for `run_cli`: `nproc` ranks of `python -m gaudi_pretrain` under torchrun (gloo), on a
+    free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "gaudi_pretrain"]
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 600, launcher: list[str] | None = None):

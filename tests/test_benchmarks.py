@@ -110,18 +110,27 @@ def test_lever_patches_keep_the_math(patch):
     patched.load_state_dict(plain.state_dict())
     ref = plain(batch)
     ref.loss.backward()
+    from gaudi_pretrain.model.attention import QKV
+
+    images, query_calls = [], []  # what the patched model really does: vision rows, separate q projections
+    patched.bridgetower.vision_model.visual.embeddings.register_forward_hook(
+        lambda m, args, out: images.append(out.shape[0]))
+    patched.bridgetower.text_model.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda m, args, out: query_calls.append(1))
     with bc.ModelPatches(**patch) as patches:
         patches.apply(patched)
+        assert (QKV.forward is bc.fused_qkv_forward) == (patch.get("qkv") == "fused")
+        assert (patched.forward.__func__ is bc.two_pass_vision_forward) == (patch.get("vision") == "twice")
         out = patched(batch)
         out.loss.backward()
+    assert images == [12 if patch.get("vision") == "twice" else 6]  # the ITM images get their own pass
+    assert len(query_calls) == (0 if patch.get("qkv") == "fused" else 1)  # one fused q/k/v matmul instead
     assert torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     assert torch.allclose(out.itm_logits, ref.itm_logits, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), patched.parameters()):
         assert (p.grad is None) == (q.grad is None), name  # the text pooler is unused by both
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
-    from gaudi_pretrain.model.attention import QKV
-
     assert QKV.forward is not bc.fused_qkv_forward  # the class patch is undone
 
 

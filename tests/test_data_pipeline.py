@@ -196,9 +196,10 @@ def test_corrupt_missing_truncated_and_empty_shards_are_skipped_and_counted(tmp_
     keys = sorted(k for b in batches for k in b["keys"] if k)
     expected = sorted([k for k, _ in ok] + ["c_000", "c_005"] + [f"t_{i:03d}" for i in range(5)])
     assert keys == expected
-    skipped = sum(int(b["skipped"]) for b in batches)
-    assert skipped == loader.samples_per_epoch - len(expected)
-    assert skipped >= 4  # the 4 broken samples of c.tar (+ t_005 when its header was counted)
+    # The plan: a 6, c 6, t 5 (no metadata: the header scan stops inside t_005's image, so t_005 and what
+    # follows are unknown, as the reader sees it), the empty tars 0. Skipped: c_001 .. c_004.
+    assert loader.samples_per_epoch == 6 + 6 + 5
+    assert sum(int(b["skipped"]) for b in batches) == 4
 
 
 def test_plain_gnu_tar_and_img2dataset_layout_read_directly(tmp_path, tokenizer):

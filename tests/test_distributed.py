@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 from gaudi_pretrain import distributed as D
 from gaudi_pretrain.distributed import DistInfo, discover, first_host
 from gaudi_pretrain.errors import ConfigError
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,12 +167,6 @@ destroy()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mpirun() -> str | None:
     return shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
@@ -183,7 +178,7 @@ def _results(out_dir: Path) -> list[dict]:
 
 def _launch_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         env.pop(var, None)
     return env

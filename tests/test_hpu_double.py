@@ -97,12 +97,11 @@ def test_lazy_step_marks_after_backward_and_after_optimizer_step(rec):
     backend = _backend(lazy=True)
     backend.prepare_environment()
     rec.EVENTS.clear()  # only what the training steps do
-    _, _, losses = _train(backend, steps=3)
+    _train(backend, steps=3)
     step_events = [e for e in rec.names() if e in ("mark_step", "FusedClipNorm.clip_norm", "FusedAdamW.step")]
     # per step: backward -> mark_step, fused clip, fused AdamW step -> mark_step
     assert step_events == ["mark_step", "FusedClipNorm.clip_norm", "FusedAdamW.step", "mark_step"] * 3
     assert len(rec.names("mark_step")) == 2 * 3
-    assert all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_lazy_mode_is_set_before_any_habana_import(rec):

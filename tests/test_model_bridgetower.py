@@ -203,21 +203,44 @@ def test_no_targets_gives_zero_loss_not_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_activation_checkpointing_same_loss_and_grads():
+def _layer_runs(model, batch) -> tuple[torch.Tensor, dict[str, int]]:
+    """Loss of one forward + backward, and how many times each kind of layer ran during it."""
+    from collections import Counter
+
+    from gaudi_pretrain.model.bridgetower import CrossLayer, ResidualAttentionBlock, TextLayer
+
+    runs: Counter = Counter()
+    # pre-hooks: a recomputation stops early inside the last layer of a checkpointed region, once every
+    # saved tensor is back, so that layer's post-forward hook would not fire
+    hooks = [m.register_forward_pre_hook(lambda mod, args: runs.update([type(mod).__name__]))
+             for m in model.modules() if isinstance(m, (ResidualAttentionBlock, TextLayer, CrossLayer))]
+    try:
+        out = model(batch)
+        out.loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.loss.detach(), dict(runs)
+
+
+def test_activation_checkpointing_recomputes_every_layer_with_the_same_loss_and_grads():
+    """With checkpointing every layer runs twice (forward, then recomputed in backward) and the loss and
+    gradients do not change. The tiny config: 3 vision blocks, 3 text layers (one [2B, L] pass), 2 cross
+    layers per modality."""
     cfg = model_tiny_cfg()
     model = BridgeTowerForPretraining(cfg).train()
     model_randomize(model)
     batch = model_batch()
     torch.manual_seed(3)
-    out = model(batch)
-    out.loss.backward()
+    loss, runs = _layer_runs(model, batch)
+    assert runs == {"ResidualAttentionBlock": 3, "TextLayer": 3, "CrossLayer": 4}
     ref = _grads(model)
     model.zero_grad()
     model.set_grad_checkpointing(True)
     torch.manual_seed(3)
-    out2 = model(batch)
-    out2.loss.backward()
-    torch.testing.assert_close(out2.loss, out.loss)
+    loss2, runs2 = _layer_runs(model, batch)
+    assert runs2 == {"ResidualAttentionBlock": 6, "TextLayer": 6, "CrossLayer": 8}
+    torch.testing.assert_close(loss2, loss)
     for k, g in _grads(model).items():
         torch.testing.assert_close(g, ref[k], rtol=1e-5, atol=1e-6)
 
@@ -269,6 +292,31 @@ def test_bf16_autocast_forward_backward():
         out = model(model_batch())
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
+
+
+def test_layer_norms_and_losses_compute_in_fp32_with_bf16_weights():
+    """DeepSpeed bf16 holds bf16 weights and the step runs under bf16 autocast: every LayerNorm still
+    normalises fp32 values, and both cross-entropies take fp32 logits (recorded at the aten level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: dict[str, set] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("native_layer_norm", "_log_softmax", "nll_loss_forward", "nll_loss2d_forward"):
+                self.seen.setdefault(name, set()).add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    model = BridgeTowerForPretraining(model_tiny_cfg()).to(torch.bfloat16)
+    batch = model_batch()
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with Dtypes() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert rec.seen["native_layer_norm"] == {torch.float32}, rec.seen
+    assert rec.seen["_log_softmax"] == {torch.float32} and out.loss.dtype == torch.float32, rec.seen
 
 
 def test_flops_match_flop_counter():

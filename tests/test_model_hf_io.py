@@ -82,9 +82,21 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
 
     from PIL import Image
 
+    # the exported image processor turns an image into the pixels our loader feeds the model
+    import io
+
+    import numpy as np
+
+    from gaudi_pretrain.data.transforms import decode_image, normalize_images
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
     processor = BridgeTowerImageProcessor.from_pretrained(out)
-    pixels = processor(Image.new("RGB", (50, 40), (200, 30, 30)), return_tensors="pt")["pixel_values"]
-    assert tuple(pixels.shape) == (1, 3, S, S)
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    ours = normalize_images(decode_image(buf.getvalue(), S)[None])
+    assert tuple(pixels.shape) == tuple(ours.shape) == (1, 3, S, S)
+    assert float((pixels - ours).abs().max()) < 0.02  # one uint8 rounding step after normalisation
 
 
 def test_export_refuses_non_empty_dir_and_bad_weights(tmp_path):

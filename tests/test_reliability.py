@@ -29,12 +29,12 @@ QUIET = {"logging.every_steps": 1, "eval.every_steps": 100_000, "checkpoint.ever
 # --------------------------------------------------------------------------------------- helpers
 
 
-def _train(shards_root, run_dir, *extra, env=None, ranks=1, port=29571, **overrides):
+def _train(shards_root, run_dir, *extra, env=None, ranks=1, **overrides):
     """The real `gaudi_pretrain train` (torchrun with gloo when ranks=2); eval off unless asked for."""
     values = {"data.eval_shards": "[]", "train.micro_batch_size": MICRO, "logging.sample_log": "true",
               **QUIET, **overrides}
     args = ["train", "--config", "configs/tiny.yaml", *tiny_overrides(shards_root, run_dir, **values), *extra]
-    return run_cli(args, env=env, launcher=torchrun(port) if ranks == 2 else None, timeout=400)
+    return run_cli(args, env=env, launcher=torchrun() if ranks == 2 else None, timeout=400)
 
 
 def _fault_env(spec: str) -> dict[str, str]:
@@ -197,7 +197,7 @@ def test_rank_whose_shards_are_all_bad_runs_the_same_steps(demo_shards, tmp_path
     _write_tar(shards / "bad.tar", bad)
     run = tmp_path / "run"
     epochs, per_epoch = 2, 48 // MICRO
-    result = _train(demo_shards, run, ranks=2, port=29572, **{
+    result = _train(demo_shards, run, ranks=2, **{
         "data.train_shards": f"['{shards}']", "train.max_steps": epochs * per_epoch,
         "checkpoint.every_steps": epochs * per_epoch})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -211,10 +211,28 @@ def test_rank_whose_shards_are_all_bad_runs_the_same_steps(demo_shards, tmp_path
         assert sorted(per_rank, key=len) == [[], good], f"epoch {epoch}: one rank all bad, the other all good"
     last = _train_records(run)[-1]
     assert last["skipped_samples"] == 48 * epochs and last["nonfinite_steps"] == 0
-    assert all(math.isfinite(r["loss"]) for r in _train_records(run))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in _train_records(run))
     ckpt = run / "checkpoints" / f"step_{epochs * per_epoch:08d}"
     digests = {json.loads((ckpt / f"rank_{r:05d}.json").read_text())["weights_sha256"] for r in (0, 1)}
     assert len(digests) == 1, "replicas diverged"
+
+    # What the all-bad rank fed its model: padding rows only, no target, so its loss is exactly 0 (not NaN).
+    from gaudi_pretrain.config import load_config
+    from gaudi_pretrain.data.pipeline import build_loader
+    from gaudi_pretrain.data.tokenizer import load_tokenizer
+    from gaudi_pretrain.model.pretraining import BridgeTowerForPretraining
+
+    cfg = load_config("configs/tiny.yaml", [f"data.train_shards=['{shards}']", f"train.micro_batch_size={MICRO}"])
+    bad_rank = 0 if not [k for s in range(per_epoch) for k in logs[0][s]] else 1  # epoch 0's bad rank
+    loader = build_loader(cfg, load_tokenizer(str(demo_shards / "tokenizer")), rank=bad_rank, world_size=2)
+    it, model, skipped = iter(loader), BridgeTowerForPretraining(cfg.model), 0
+    for _ in range(per_epoch):
+        batch = next(it)
+        assert not batch["sample_mask"].any()
+        skipped += int(batch["skipped"])
+        out = model({k: v for k, v in batch.items() if k not in ("keys", "skipped")})
+        assert float(out.loss.detach()) == 0.0 and int(out.mlm_count) == int(out.itm_count) == 0
+    assert skipped == 48
 
 
 # ---------------------------------------------------------------------------- 2. kill -9 + resume
@@ -227,13 +245,13 @@ def test_kill_9_of_one_rank_mid_epoch_then_resume_uses_every_sample_once(demo_sh
     steps = math.ceil(len(keys) / 2 / MICRO)
     run = tmp_path / "run"
     common = {"data.train_shards": f"['{shard}']", "train.max_steps": steps, "checkpoint.every_steps": 2}
-    killed = _train(demo_shards, run, env=_fault_env("after_step:4@1"), ranks=2, port=29573, **common)
+    killed = _train(demo_shards, run, env=_fault_env("after_step:4@1"), ranks=2, **common)
     assert killed.returncode != 0  # rank 1 was SIGKILLed after step 4; torchrun tore down rank 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     before = {r["step"]: r["loss"] for r in _train_records(run)}
     assert 3 in before, before
 
-    resumed = _train(demo_shards, run, "--resume", "auto", ranks=2, port=29574, **common)
+    resumed = _train(demo_shards, run, "--resume", "auto", ranks=2, **common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in resumed.stdout
     logs = [sample_log(run, r) for r in (0, 1)]
@@ -306,6 +324,33 @@ def test_crash_during_checkpoint_save_never_picks_a_partial_directory(demo_shard
     assert records[-1]["step"] == 6 and all(math.isfinite(r["loss"]) for r in records)
 
 
+def test_publish_prunes_and_resaving_a_step_first_unpublishes_it(tmp_path):
+    """`publish` points `latest` at the new checkpoint, keeps `keep_last` complete ones and drops older
+    partial ones; `prepare_tag` (a resumed run reaching a saved step again) moves `latest` to the previous
+    complete checkpoint before it deletes the old directory, so no crash can leave a mixed one published."""
+    from gaudi_pretrain.train.checkpoint import CLIENT_STATE, prepare_tag, publish, read_latest
+
+    root = tmp_path / "checkpoints"
+
+    def make(step, complete=True):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / CLIENT_STATE).write_text("{}")
+
+    for step in (2, 4, 6):
+        make(step)
+    make(5, complete=False)  # a save that died
+    make(8, complete=False)  # another one, newer than the published tag: maybe in progress, kept
+    publish(root, "step_00000006", keep_last=2)
+    assert read_latest(root) == root / "step_00000006"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008"]
+    prepare_tag(root, "step_00000006")
+    assert read_latest(root) == root / "step_00000004" and not (root / "step_00000006").exists()
+    prepare_tag(root, "step_00000004")  # nothing complete before it: `latest` goes, nothing names a mix
+    assert read_latest(root) is None and not (root / "step_00000004").exists()
+
+
 # ------------------------------------------------------------------------------- 4. non-finite
 
 
@@ -335,14 +380,51 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good
     assert [r["loss"] is None for r in records] == [False, True, False, False, True, True, True]
     weights = {s: load_file(str(run / "checkpoints" / f"step_{s:08d}" / "model.safetensors")) for s in range(1, 8)}
 
-    def same(a, b):
-        return all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+    optim = {s: _optimizer_state(run / "checkpoints" / f"step_{s:08d}") for s in range(1, 8)}
 
-    assert same(1, 2), "the skipped step 2 changed no weight"
+    def same(a, b):
+        return (all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+                and optim[a].keys() == optim[b].keys() and all(_equal(optim[a][k], optim[b][k]) for k in optim[a]))
+
+    assert same(1, 2), "the skipped step 2 changed a weight, an Adam moment, the step count or the schedule"
     assert not same(2, 3), "step 3 trained again"
-    assert same(4, 5) and same(4, 7), "the stop checkpoint holds the weights before the bad steps"
+    assert same(4, 5) and same(4, 7), "the stop checkpoint holds the state before the bad steps"
     assert all(torch.isfinite(t).all() for t in weights[7].values())
     assert json.loads((ckpt7 / "client_state.json").read_text())["extra"]["nonfinite_steps"] == 4
+    # The schedule moves by applied steps only (tiny.yaml: lr 1e-3, 10 steps, 1 warm-up step, linear to 0):
+    # after k applied steps the lr is 1e-3 * (1 - (k - 1) / 9); steps 1, 3, 4 were applied.
+    applied = [1, 1, 2, 3, 3, 3, 3]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * (1 - (k - 1) / 9) for k in applied], rel=1e-6)
+
+
+_OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq", "step", "last_epoch", "_step_count", "_last_lr")
+
+
+def _optimizer_state(ckpt: Path) -> dict[str, object]:
+    """Every Adam moment, optimizer step count and lr-schedule position in a DeepSpeed checkpoint, whatever
+    its layout (fp32 ZeRO-0: the torch optimizer in the model states; bf16 / ZeRO: the partitioned
+    optimizer files), keyed by file and path. These are trusted test files: a plain torch.load."""
+    found: dict[str, object] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _OPTIMIZER_KEYS and not isinstance(value, (dict, list)) or key == "_last_lr":
+                    found[f"{path}/{key}"] = value
+                else:
+                    walk(value, f"{path}/{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    for file in sorted(ckpt.glob("*.pt")):
+        walk(torch.load(file, map_location="cpu", weights_only=False), file.name)
+    assert any("exp_avg_sq" in k for k in found) and any(k.endswith("last_epoch") for k in found), sorted(found)
+    return found
+
+
+def _equal(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(demo_shards, tmp_path):
@@ -351,7 +433,7 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(demo_shards
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    result = _train(demo_shards, run, env=_fault_env("nan_grad:2@1"), ranks=2, port=29577, **{
+    result = _train(demo_shards, run, env=_fault_env("nan_grad:2@1"), ranks=2, **{
         "train.precision": "bf16", "train.zero_stage": 1, "train.max_steps": 4, "checkpoint.every_steps": 1,
         "checkpoint.keep_last": 10})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -659,7 +741,7 @@ def test_soak_two_ranks_2000_steps_memory_flat_and_throughput_steady(demo_shards
     windows, so a noisy neighbour on a shared CI machine does not decide it)."""
     steps, every = 2000, 50
     run = tmp_path / "soak"
-    result = _train(demo_shards, run, ranks=2, port=29579, **{
+    result = _train(demo_shards, run, ranks=2, **{
         "data.train_shards": f"['{demo_shards}/train/*.tar']", "train.max_steps": steps,
         "train.micro_batch_size": 8, "logging.every_steps": every, "logging.sample_log": "false",
         "checkpoint.every_steps": 500})

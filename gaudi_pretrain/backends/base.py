@@ -136,8 +136,13 @@ class Backend(ABC):
     # ------------------------------------------------------------------ measurements
 
     def graph_compile_count(self) -> int | None:
-        """Number of device graph compilations so far (HPU only; None where the notion does not apply)."""
-        return None
+        """Graphs compiled so far: torch.compile's (dynamo's unique graphs; a count that grows after the
+        first steps means recompiles) when `backend.compile` is set, else None."""
+        if not self.cfg.compile:
+            return None
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
 
     def memory_stats(self) -> int:
         """Peak memory in bytes: device allocator peak on accelerators, process peak RSS on CPU."""

@@ -1,0 +1,238 @@
+"""Do the tests guard what they claim? Disable one feature at a time in a copy of the checkout and run the
+tests that guard it: each sabotage must make at least one of them FAIL (an error or a pass is a miss).
+
+    python tests/sabotage.py              # all sabotages, then a markdown table (make sabotage)
+    python tests/sabotage.py --list       # the sabotages and their guarding tests
+    python tests/sabotage.py --only compile_noop,lr_steps_on_skip
+    python tests/sabotage.py --baseline   # the guarding tests on the unmodified copy (must all pass)
+
+Run by hand (about 25 minutes on 2 cores), not in CI. Each sabotage replaces one exact piece of source text;
+when the source changes so that the text is gone, the script stops and names the stale sabotage, so the
+list moves with the code. The result table is in the README's Testing section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Sabotage:
+    id: str
+    area: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+T_MODEL = "tests/test_model_bridgetower.py"
+T_TRAIN = "tests/test_train.py"
+T_REL = "tests/test_reliability.py"
+T_DATA = "tests/test_data_pipeline.py"
+
+SABOTAGES = [
+    Sabotage(
+        "grad_checkpointing_noop", "model", "set_grad_checkpointing does nothing",
+        "gaudi_pretrain/model/bridgetower.py",
+        '"""Checkpoint every uni-modal and cross-modal layer (recompute activations in backward)."""\n',
+        '"""Checkpoint every uni-modal and cross-modal layer (recompute activations in backward)."""\n'
+        "        return\n",
+        (f"{T_MODEL}::test_activation_checkpointing_recomputes_every_layer_with_the_same_loss_and_grads",)),
+    Sabotage(
+        "shared_vision_ungathered", "model", "the ITM pass pairs every text with its own image (no negatives)",
+        "gaudi_pretrain/model/pretraining.py",
+        "torch.cat([f, f.index_select(0, index)])", "torch.cat([f, f])",
+        (f"{T_MODEL}::test_pretraining_step_equals_two_full_forwards",)),
+    Sabotage(
+        "layer_norm_bf16", "model", "LayerNorm normalises bf16 activations in bf16",
+        "gaudi_pretrain/model/bridgetower.py", "        if x.dtype == torch.float32:\n            return super()",
+        "        if True:\n            return super()",
+        (f"{T_MODEL}::test_layer_norms_and_losses_compute_in_fp32_with_bf16_weights",)),
+    Sabotage(
+        "compile_noop", "backend", "Backend.compile returns the model uncompiled",
+        "gaudi_pretrain/backends/base.py",
+        "return torch.compile(model) if self.cfg.compile else model", "return model",
+        (f"{T_TRAIN}::test_compiled_training_matches_eager",
+         "tests/test_backends.py::test_cpu_bf16_autocast_and_compile_switch")),
+    Sabotage(
+        "lr_steps_on_skip", "non-finite", "the lr schedule is stepped on a skipped non-finite step",
+        "gaudi_pretrain/train/nonfinite.py",
+        '    optimizer = getattr(engine, "optimizer", None)\n',
+        '    engine.lr_scheduler.step()\n    optimizer = getattr(engine, "optimizer", None)\n',
+        (f"{T_REL}::test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state",)),
+    Sabotage(
+        "skip_decided_per_rank", "non-finite", "the step-or-skip decision is not all-reduced across ranks",
+        "gaudi_pretrain/train/loop.py",
+        "        dist.all_reduce(value, op=dist.ReduceOp.MIN)\n", "        pass\n",
+        (f"{T_REL}::test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank",
+         # DeepSpeed 0.19 skips a step with non-finite reduced gradients itself; 0.16.1 applies it
+         "tests/test_compat.py::test_training_passes_under_deepspeed_0_16")),
+    Sabotage(
+        "split_overlap", "data", "neighbouring workers' sample ranges overlap by one sample",
+        "gaudi_pretrain/data/pipeline.py",
+        "return g * n // p, (g + 1) * n // p", "return g * n // p, min(n, (g + 1) * n // p + 1)",
+        (f"{T_DATA}::test_two_ranks_two_workers_cover_dataset_exactly_once",)),
+    Sabotage(
+        "corrupt_uncounted", "data", "a sample that does not decode is dropped without being counted",
+        "gaudi_pretrain/data/pipeline.py",
+        "                if sample is None:\n                    skipped += 1\n",
+        "                if sample is None:\n                    pass\n",
+        (f"{T_DATA}::test_corrupt_missing_truncated_and_empty_shards_are_skipped_and_counted",
+         f"{T_REL}::test_fault_injected_shards_train_one_epoch_and_skips_are_counted_exactly")),
+    Sabotage(
+        "cursor_pos_reset", "resume", "a restored data cursor forgets its position inside the range",
+        "gaudi_pretrain/data/pipeline.py",
+        'self._cursors = [{k: int(c[k]) for k in ("epoch", "batch", "pos")} for c in state["workers_state"]]',
+        'self._cursors = [{"epoch": int(c["epoch"]), "batch": int(c["batch"]), "pos": 0}'
+        ' for c in state["workers_state"]]',
+        (f"{T_DATA}::test_resume_continues_with_identical_batches",)),
+    Sabotage(
+        "mlm_mask_ratio", "data", "MLM replaces 70% of the selected tokens by <mask> instead of 80%",
+        "gaudi_pretrain/data/masking.py", "to_mask = selected & (how < 0.8)", "to_mask = selected & (how < 0.7)",
+        ("tests/test_data_transforms.py::test_mlm_masking_statistics_and_special_tokens",)),
+    Sabotage(
+        "rng_not_restored", "resume", "resume does not restore the torch CPU generator (dropout stream)",
+        "gaudi_pretrain/train/checkpoint.py",
+        '    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))\n', "",
+        (f"{T_TRAIN}::test_resume_after_kill_is_deterministic",)),
+    Sabotage(
+        "sample_log_not_cut", "resume", "the per-rank sample log is not cut back to the checkpoint on resume",
+        "gaudi_pretrain/train/loop.py", "    _truncate_sample_log(ctx, client.step)\n", "",
+        (f"{T_REL}::test_kill_9_of_one_rank_mid_epoch_then_resume_uses_every_sample_once",)),
+    Sabotage(
+        "digest_unchecked", "checkpoint", "the weights loaded on resume are not compared with the saved digest",
+        "gaudi_pretrain/train/checkpoint.py", '    want = rank_state.get("weights_sha256")\n',
+        '    return True\n',
+        (f"{T_REL}::test_resume_refuses_weights_that_are_not_the_saved_ones",)),
+    Sabotage(
+        "prepare_tag_noop", "checkpoint", "re-saving a step leaves `latest` on it and the old directory in place",
+        "gaudi_pretrain/train/checkpoint.py", "    target = ckpt_root / tag\n    if not target.exists():\n",
+        "    target = ckpt_root / tag\n    if True:\n",
+        (f"{T_REL}::test_publish_prunes_and_resaving_a_step_first_unpublishes_it",)),
+    Sabotage(
+        "metrics_not_reduced", "metrics", "step metrics are rank 0's own, not reduced across ranks",
+        "gaudi_pretrain/train/metrics.py", "            dist.all_reduce(sums)\n", "            pass\n",
+        ("tests/test_metrics.py::test_step_metrics_are_reduced_over_ranks_and_skipped_steps_are_dropped",)),
+    Sabotage(
+        "launch_pe_per_node", "launch", "mpirun_gaudi.sh divides a socket's cores by all cards of the node",
+        "launch/mpirun_gaudi.sh", "pe=$(( cores_per_socket / ranks_per_socket ))", "pe=$(( cores_per_socket / cards ))",
+        ("tests/test_launch.py::test_mpirun_multi_node_dry_run", "tests/test_launch.py::test_mpirun_single_node_dry_run")),
+    Sabotage(
+        "multinode_master_localhost", "launch", "a job across nodes rendezvous at 127.0.0.1",
+        "gaudi_pretrain/distributed.py", "    if world == 1 or local_world >= world:\n", "    if True:\n",
+        ("tests/test_distributed.py",)),
+    Sabotage(
+        "norm_params_decayed", "optimizer", "CLIP's ln_* and other norm parameters get weight decay",
+        "gaudi_pretrain/train/optim.py",
+        'if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("LayerNorm", "RMSNorm")):',
+        "if False:", ("tests/test_optim.py",)),
+    Sabotage(
+        "export_bilinear", "export", "the exported image processor resizes bilinearly (ours is bicubic)",
+        "gaudi_pretrain/model/hf_io.py", '        "resample": 3,\n', '        "resample": 2,\n',
+        ("tests/test_model_hf_io.py::test_export_loads_in_transformers_with_equal_logits",)),
+    Sabotage(
+        "export_tied_decoder", "export", "exports let transformers 4.x tie the MLM decoder to the word embeddings",
+        "gaudi_pretrain/model/hf_io.py",
+        "            # so (its default is True); BridgeTower's decoder is a separate matrix.\n"
+        '            "tie_word_embeddings": False,\n',
+        "            # so (its default is True); BridgeTower's decoder is a separate matrix.\n"
+        '            "tie_word_embeddings": True,\n',
+        ("tests/test_compat.py::test_model_and_hf_io_pass_under_transformers_4_55",)),
+]
+
+
+def copy_checkout(dest: Path) -> None:
+    """Tracked files and untracked, not-ignored ones (what a commit of the working tree would hold)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def sabotaged_text(sabotage: Sabotage, root: Path) -> str:
+    text = (root / sabotage.path).read_text()
+    found = text.count(sabotage.old)
+    if found != 1:
+        raise SystemExit(f"sabotage {sabotage.id} is stale: its text occurs {found} times in {sabotage.path}")
+    return text.replace(sabotage.old, sabotage.new)
+
+
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[str, list[str], float]:
+    """('failed' | 'passed' | 'error', failing node ids, seconds) of the guarding tests in `root`."""
+    env = {k: v for k, v in os.environ.items() if k != "GAUDI_PRETRAIN_CRASH"}
+    env["PYTHONPATH"] = str(root)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no", "-rfE", "--timeout=300",
+                          "-m", "not slow", *tests], cwd=root, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    failed = re.findall(r"^FAILED (\S+)", out.stdout, re.M)
+    errors = re.findall(r"^ERROR (\S+)", out.stdout, re.M)
+    if errors or out.returncode not in (0, 1):
+        return "error", errors or [out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"], seconds
+    return ("failed" if failed else "passed"), failed, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated sabotage ids")
+    parser.add_argument("--list", action="store_true", help="list the sabotages and exit")
+    parser.add_argument("--baseline", action="store_true", help="run every guarding test without sabotage")
+    args = parser.parse_args()
+    chosen = SABOTAGES
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {s.id for s in SABOTAGES})
+        if unknown:
+            parser.error(f"unknown sabotage ids: {', '.join(unknown)}")
+        chosen = [s for s in SABOTAGES if s.id in wanted]
+    if args.list:
+        for s in chosen:
+            print(f"{s.id:28} {s.area:11} {s.what}\n{'':41}{' '.join(s.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="sabotage_") as tmp:
+        pristine = Path(tmp) / "pristine"
+        copy_checkout(pristine)
+        for s in chosen:  # every sabotage applies to today's source before anything runs
+            sabotaged_text(s, pristine)
+        if args.baseline:
+            tests = tuple(dict.fromkeys(t for s in chosen for t in s.tests))
+            status, failing, seconds = run_tests(pristine, tests)
+            print(f"baseline: {status} in {seconds:.0f} s {' '.join(failing)}")
+            return 0 if status == "passed" else 1
+        rows, missed = [], 0
+        for s in chosen:
+            work = Path(tmp) / s.id
+            shutil.copytree(pristine, work)
+            (work / s.path).write_text(sabotaged_text(s, work))
+            status, failing, seconds = run_tests(work, s.tests)
+            shutil.rmtree(work)
+            caught = status == "failed"
+            missed += not caught
+            hit = ", ".join(f.split("::")[-1] for f in failing) or "-"
+            print(f"{'caught' if caught else 'MISSED'} {s.id} ({status}, {seconds:.0f} s): {hit}", flush=True)
+            rows.append(f"| `{s.id}` | {s.area} | {s.what} | {'caught' if caught else '**MISSED** (' + status + ')'}"
+                        f" | {hit} |")
+    print("\n| sabotage | area | what is disabled | result | failing tests |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\n{len(chosen) - missed} of {len(chosen)} sabotages caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
