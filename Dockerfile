@@ -2,11 +2,14 @@
 # Habana's DeepSpeed fork at the tag of the same Gaudi software release, and this package.
 #
 #   docker build -t gaudi-pretrain:1.22.0 .                       # or --build-arg GAUDI_VERSION=1.23.0 --build-arg TORCH_VERSION=2.9.0
-#   docker run --runtime=habana -e HABANA_VISIBLE_DEVICES=all --cap-add=sys_nice --net=host --ipc=host \
+#   docker run --runtime=habana -e HABANA_VISIBLE_DEVICES=all -e OMPI_MCA_btl_vader_single_copy_mechanism=none \
+#       --cap-add=sys_nice --net=host --ipc=host \
 #       -v $PWD/run.yaml:/config/run.yaml:ro -v /shards:/data:ro -v $PWD/runs:/runs gaudi-pretrain:1.22.0
 #
 # The default command trains on one card from /config/run.yaml (whose data.*_shards point under /data and
-# train.output_dir under /runs). Eight cards: append `launch/mpirun_gaudi.sh -- --config /config/run.yaml`.
+# train.output_dir under /runs), through launch/run.sh, which exports the config's PT_HPU_LAZY_MODE before
+# Python starts (torch loads the Gaudi bridge, which reads it, on import). Eight cards: append
+# `launch/mpirun_gaudi.sh -- --config /config/run.yaml`.
 ARG GAUDI_VERSION=1.22.0
 ARG TORCH_VERSION=2.7.1
 # hadolint ignore=DL3007
@@ -45,4 +48,4 @@ COPY launch ./launch
 RUN pip install --no-cache-dir --no-deps -c /opt/image-constraints.txt . \
  && python -c "import torch, deepspeed, gaudi_pretrain; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
 
-CMD ["python", "-m", "gaudi_pretrain", "train", "--config", "/config/run.yaml"]
+CMD ["launch/run.sh", "--", "--config", "/config/run.yaml"]

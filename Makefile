@@ -39,11 +39,16 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml tests/compat/transformers-4.55.txt tests/compat/deepspeed-0.16.txt $(VENV)/.installed
+HPU_DOUBLE := $(shell find tests/hpu_double -name '*.py' -o -name pyproject.toml)
+
+# Overlays put first on PYTHONPATH by the tests that need them: the library versions Gaudi images bring
+# (tests/compat/) and the habana_frameworks test double, installed so torch's autoload finds it.
+$(VENV)/.installed-dev: pyproject.toml tests/compat/transformers-4.55.txt tests/compat/deepspeed-0.16.txt $(HPU_DOUBLE) $(VENV)/.installed
 	$(PIP) -e ".[dev,mpi]"
-	rm -rf $(VENV)/compat/transformers-4.55 $(VENV)/compat/deepspeed-0.16
+	rm -rf $(VENV)/compat/transformers-4.55 $(VENV)/compat/deepspeed-0.16 $(VENV)/compat/hpu-double
 	$(PIP) --no-deps --target $(VENV)/compat/transformers-4.55 -r tests/compat/transformers-4.55.txt
 	$(PIP) --no-deps --target $(VENV)/compat/deepspeed-0.16 -r tests/compat/deepspeed-0.16.txt
+	$(PIP) --no-deps --target $(VENV)/compat/hpu-double ./tests/hpu_double
 	touch $@
 
 clean:

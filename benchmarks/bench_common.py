@@ -412,17 +412,22 @@ def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compi
         from gaudi_pretrain.distributed import discover, init_distributed
         from gaudi_pretrain.train.loop import RunContext, train_step
         from gaudi_pretrain.train.metrics import StepAccumulator, Throughput
-        from gaudi_pretrain.train.nonfinite import gradient_check_for
+        from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+
+        from gaudi_pretrain.train.nonfinite import NonfiniteCounter, decides_on_device, gradient_check_for
 
         info = discover()
         init_distributed(info, backend.dist_backend)
-        ds_config = deepspeed_config(cfg, info.world_size, clip_in_engine=not backend.clips_gradients)
+        ds_config = deepspeed_config(cfg, info.world_size, clip_in_engine=not backend.clips_gradients,
+                                     optimizer_known_to_deepspeed=is_zero_supported_optimizer(optimizer))
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                   config=ds_config, dist_init_required=False)
         tmp = run_dir or tempfile.mkdtemp(prefix="bench_run_")
         ctx = RunContext(cfg=cfg, backend=backend, dist=info, engine=ds_engine, loader=None, run_dir=Path(tmp),
                          tokenizer=None, flops_per_sample=flops_per_sample(cfg.model, cfg.data.max_text_len),
-                         grad_check=gradient_check_for(ds_engine.module, backend))
+                         optimizer=optimizer, grad_check=gradient_check_for(ds_engine.module, backend),
+                         skip_on_device=decides_on_device(ds_engine, optimizer),
+                         nonfinite=NonfiniteCounter(backend.device))
         float_dtype = next(ds_engine.module.parameters()).dtype
         ctx.state = {"step": 0, "samples_seen": 0, "skipped_samples": 0, "nonfinite_steps": 0,
                      "consecutive_nonfinite": 0, "float_dtype": float_dtype}

@@ -133,6 +133,13 @@ class BackendConfig(_Section):
     gaudi_config: str | None = None  # optimum-habana style gaudi_config.json
     cpu_threads: int | None = Field(None, gt=0)
 
+    def launch_environment(self) -> dict[str, str]:
+        """The variables a launcher must export before Python starts: the Gaudi bridge, which `import torch`
+        loads by itself, reads them then (`gaudi-pretrain launch-env`; backends/hpu.py checks them)."""
+        if self.name not in ("auto", "hpu"):
+            return {}
+        return {"PT_HPU_LAZY_MODE": "1" if self.hpu_lazy_mode else "0"}
+
 
 class CheckpointConfig(_Section):
     every_steps: int = Field(1000, gt=0)
@@ -291,8 +298,16 @@ def check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
     return derived
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, clip_in_engine: bool = True) -> dict[str, Any]:
-    """The DeepSpeed dict; `clip_in_engine=False` when the backend clips itself (fused clip norm)."""
+def deepspeed_config(cfg: RunConfig, world_size: int, clip_in_engine: bool = True,
+                     optimizer_known_to_deepspeed: bool = True) -> dict[str, Any]:
+    """The DeepSpeed dict; `clip_in_engine=False` when the backend clips itself (fused clip norm).
+
+    DeepSpeed refuses a ZeRO >= 1 client optimizer whose exact type is not in its tested list
+    (runtime/zero/utils.py `is_zero_supported_optimizer`, engine.py `_do_optimizer_sanity_check`; the same
+    in 0.16.1, Habana's fork and 0.19) unless the dict allows it: `optimizer_known_to_deepspeed=False`.
+    Its throughput timer synchronizes the device in every forward and step, and 0.19 checks bf16 gradients
+    for overflow on the host every step: both off, our metrics time the run and the loop skips
+    non-finite steps itself."""
     t = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": check_batch_geometry(cfg, world_size),
@@ -300,8 +315,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, clip_in_engine: bool = Tru
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": t.grad_clip if clip_in_engine else 0.0,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         "steps_per_print": 10**9,  # our own metrics do the logging
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
     }
+    if t.zero_stage > 0 and not optimizer_known_to_deepspeed:
+        ds["zero_allow_untested_optimizer"] = True
     return ds

@@ -256,7 +256,7 @@ def init_distributed(info: DistInfo, backend: str, timeout: timedelta | float | 
     if use_deepspeed:
         import deepspeed
 
-        if backend == "gloo":
+        if backend == "gloo" or os.environ.get("DS_ACCELERATOR") == "cpu":
             _skip_deepspeed_cpu_shm_build()
         # Creates the group for world > 1, or adopts the existing one (DeepSpeed's comm layer must know it).
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
@@ -265,7 +265,7 @@ def init_distributed(info: DistInfo, backend: str, timeout: timedelta | float | 
 
 def _skip_deepspeed_cpu_shm_build() -> None:
     """DeepSpeed's comm layer JIT-compiles a shared-memory all-reduce on a CPU accelerator at init. Training
-    over gloo never uses it (it serves inference all-reduce), yet the build needs a C++ toolchain, takes
+    on CPU tensors (gloo, or the HPU test double's hccl over gloo) never uses it (it serves inference all-reduce), yet the build needs a C++ toolchain, takes
     minutes on a small box and, if a rank is killed mid-build, leaves a lock every later run waits on
     forever. Marking the op incompatible (DeepSpeed keeps one cached dict for this) makes init skip it."""
     import deepspeed.ops

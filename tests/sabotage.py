@@ -42,6 +42,7 @@ T_MODEL = "tests/test_model_bridgetower.py"
 T_TRAIN = "tests/test_train.py"
 T_REL = "tests/test_reliability.py"
 T_DATA = "tests/test_data_pipeline.py"
+T_HPU = "tests/test_hpu_double.py"
 
 SABOTAGES = [
     Sabotage(
@@ -58,9 +59,10 @@ SABOTAGES = [
         (f"{T_MODEL}::test_pretraining_step_equals_two_full_forwards",)),
     Sabotage(
         "layer_norm_bf16", "model", "LayerNorm normalises bf16 activations in bf16",
-        "gaudi_pretrain/model/bridgetower.py", "        if x.dtype == torch.float32:\n            return super()",
-        "        if True:\n            return super()",
-        (f"{T_MODEL}::test_layer_norms_and_losses_compute_in_fp32_with_bf16_weights",)),
+        "gaudi_pretrain/model/bridgetower.py", "        with fp32_region(x):\n",
+        "        return super().forward(x)\n        with fp32_region(x):\n",
+        (f"{T_MODEL}::test_layer_norms_and_losses_compute_in_fp32_with_bf16_weights",
+         f"{T_HPU}::test_layer_norms_softmax_and_losses_stay_fp32_under_hpu_autocast")),
     Sabotage(
         "compile_noop", "backend", "Backend.compile returns the model uncompiled",
         "gaudi_pretrain/backends/base.py",
@@ -80,6 +82,57 @@ SABOTAGES = [
         (f"{T_REL}::test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank",
          # DeepSpeed 0.19 skips a step with non-finite reduced gradients itself; 0.16.1 applies it
          "tests/test_compat.py::test_training_passes_under_deepspeed_0_16")),
+    Sabotage(
+        "guarded_skip_ignored", "non-finite", "GuardedAdamW ignores found_inf (a NaN step is applied)",
+        "gaudi_pretrain/train/optim.py",
+        "keep = torch.ones((), device=device) if self.found_inf is None else",
+        "keep = torch.ones((), device=device) if True else",
+        ("tests/test_optim.py::test_guarded_adamw_is_torch_adamw_and_cancels_a_step_on_the_device",
+         f"{T_REL}::test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state")),
+    Sabotage(
+        "device_schedule_counts_skips", "non-finite", "the device lr schedule advances on a cancelled step",
+        "gaudi_pretrain/train/optim.py", "self.applied += 1.0 if found_inf is None else", "self.applied += 1.0 if True else",
+        ("tests/test_optim.py::test_device_schedule_does_not_advance_on_a_cancelled_step_and_resumes",
+         f"{T_REL}::test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state")),
+    Sabotage(
+        "skip_decided_on_host", "HPU", "every step reads the skip decision on the host",
+        "gaudi_pretrain/train/nonfinite.py", '    return bool(getattr(optimizer, "supports_device_skip", False)) and',
+        "    return False and",
+        (f"{T_HPU}::test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_steps",)),
+    Sabotage(
+        "metrics_float64", "HPU", "step metrics are summed in float64 (no FP64 on Gaudi)",
+        "gaudi_pretrain/train/metrics.py", "self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float32,",
+        "self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64,",
+        (f"{T_HPU}::test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_steps",)),
+    Sabotage(
+        "untested_optimizer_refused", "HPU", "the DeepSpeed dict does not allow FusedAdamW under ZeRO",
+        "gaudi_pretrain/config.py", '        ds["zero_allow_untested_optimizer"] = True\n', "        pass\n",
+        (f"{T_HPU}::test_fused_adamw_under_zero_trains_saves_and_resumes",
+         f"{T_HPU}::test_fused_adamw_is_an_optimizer_deepspeed_does_not_know")),
+    Sabotage(
+        "bridge_mode_unchecked", "HPU", "the mode the bridge really runs in is not checked",
+        "gaudi_pretrain/backends/hpu.py", "        self._check_mode()\n", "",
+        (f"{T_HPU}::test_a_bridge_loaded_in_another_mode_is_refused_in_one_line",
+         f"{T_HPU}::test_a_mode_mismatch_stops_train_in_one_line")),
+    Sabotage(
+        "mode_set_after_torch", "HPU", "train does not set PT_HPU_LAZY_MODE before torch is imported",
+        "gaudi_pretrain/train/loop.py", '    launch_env.apply(cfg.backend, can_set="torch" not in sys.modules)', "    pass",
+        (f"{T_HPU}::test_fused_adamw_under_zero_trains_saves_and_resumes",)),
+    Sabotage(
+        "ranks_exported_after_torch", "HPU", "ranks reach the environment only after the bridge loaded",
+        "gaudi_pretrain/train/loop.py", "    info = discover()\n    export_env(info)\n", "    info = discover()\n",
+        (f"{T_HPU}::test_pmi_launch_across_nodes_rendezvous_at_rank_0_and_each_rank_takes_its_card",)),
+    Sabotage(
+        "seed_silently_skipped", "HPU", "the HPU seed is skipped when the API is absent",
+        "gaudi_pretrain/backends/hpu.py", "        self._random().manual_seed_all(seed)",
+        '        getattr(self._random(), "manual_seed_all", lambda s: None)(seed)',
+        (f"{T_HPU}::test_seed_goes_through_the_real_api_and_fails_loudly",)),
+    Sabotage(
+        "compile_dynamic_shapes", "HPU", "torch.compile on HPU without dynamic=False",
+        "gaudi_pretrain/backends/hpu.py", 'torch.compile(model, backend="hpu_backend", dynamic=False)',
+        'torch.compile(model, backend="hpu_backend")',
+        (f"{T_HPU}::test_eager_compile_mode_trains_compiled_without_mark_step",
+         f"{T_HPU}::test_eager_mode_compiles_with_hpu_backend_static_shapes_and_never_marks_steps")),
     Sabotage(
         "split_overlap", "data", "neighbouring workers' sample ranges overlap by one sample",
         "gaudi_pretrain/data/pipeline.py",

@@ -19,9 +19,10 @@ IS_ROOT = os.geteuid() == 0
 
 
 def _run(script: str, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A launcher run with a clean Gaudi environment; `gaudi-pretrain launch-env` runs in this venv's Python."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PT_HPU_", "HCCL_", "HABANA_")) and k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env.update(env_extra or {})
+           if not k.startswith(("PT_HPU_", "HCCL_", "HABANA_")) and k not in ("MASTER_ADDR", "MASTER_PORT", "MPI_ROOT")}
+    env.update(PYTHON=sys.executable, **(env_extra or {}))
     return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=60)
 
@@ -43,21 +44,51 @@ def _exports(cmd: list[str]) -> list[str]:
 def test_mpirun_multi_node_dry_run():
     out = _run("mpirun_gaudi.sh", "--dry-run", "--nodes", "2", "--cards-per-node", "8", "--hostfile",
                "launch/hostfile.example", "--master-addr", "10.0.0.1", "--cores-per-socket", "40", "--sockets", "2",
-               "--", "--config", "configs/bridgetower_large.yaml",
+               "--ompi-major", "4", "--", "--config", "configs/bridgetower_large.yaml",
                env_extra={"PT_HPU_RECIPE_CACHE_CONFIG": "/tmp/cache,false,1024", "HCCL_SOCKET_IFNAME": "ens1f0"})
     assert out.returncode == 0, out.stderr
     env, cmd = _split(out.stdout)
     assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29500"
-    assert env["PT_HPU_LAZY_MODE"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO)
+    assert env["PT_HPU_LAZY_MODE"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO)  # the preset is lazy
     assert env["PT_HPU_RECIPE_CACHE_CONFIG"] == "/tmp/cache,false,1024"
     assert env["HCCL_SOCKET_IFNAME"] == "ens1f0"
     expected_head = ["mpirun", "-n", "16", "--hostfile", "launch/hostfile.example", "--bind-to", "core",
-                     "--map-by", "socket:PE=10", "--rank-by", "slot", "--report-bindings"]
+                     "--map-by", "ppr:4:socket:PE=10", "--rank-by", "slot", "--report-bindings"]
     assert cmd[: len(expected_head)] == expected_head
     assert ("--allow-run-as-root" in cmd) is IS_ROOT
-    assert _exports(cmd) == ["MASTER_ADDR", "MASTER_PORT", "PT_HPU_LAZY_MODE", "PYTHONPATH", "HCCL_SOCKET_IFNAME",
+    assert _exports(cmd) == ["MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "PT_HPU_LAZY_MODE", "HCCL_SOCKET_IFNAME",
                              "PT_HPU_RECIPE_CACHE_CONFIG"]
-    assert cmd[-6:] == ["python", "-m", "gaudi_pretrain", "train", "--config", "configs/bridgetower_large.yaml"]
+    assert cmd[-6:] == [sys.executable, "-m", "gaudi_pretrain", "train", "--config", "configs/bridgetower_large.yaml"]
+
+
+# Two Gaudi nodes as Model-References launches them (PyTorch/nlp/bert and computer_vision/classification/
+# torchvision READMEs, branches 1.22.0 and 1.23.0): containers' sshd on 3022, Open MPI's TCP on the cluster
+# subnet, `--prefix $MPI_ROOT`, GC_KERNEL_PATH carried. Gaudi2 and Gaudi3 use the same lines; the 1.23 images
+# bring Open MPI 5, for which Model-References adds `--mca ras_base_launch_orted_on_hn 1` beyond 8 cards.
+TWO_NODES = {
+    "gaudi2-1.22-openmpi4": ("4", []),
+    "gaudi3-1.23-openmpi5": ("5", ["--mca", "ras_base_launch_orted_on_hn", "1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWO_NODES))
+def test_mpirun_two_gaudi_nodes_dry_run(case):
+    ompi, extra = TWO_NODES[case]
+    image_env = {"MPI_ROOT": "/opt/habanalabs/openmpi", "GC_KERNEL_PATH": "/usr/lib/habanalabs/libtpc_kernels.so"}
+    out = _run("mpirun_gaudi.sh", "--dry-run", "--nodes", "2", "--hostfile", "launch/hostfile.example",
+               "--ssh-port", "3022", "--tcp-if", "10.3.0.0/16", "--ifname", "eth0", "--ompi-major", ompi,
+               "--cores-per-socket", "48", "--sockets", "2", "--", "--config", "configs/bridgetower_large.yaml",
+               "backend.hpu_lazy_mode=false", env_extra=image_env)
+    assert out.returncode == 0, out.stderr
+    env, cmd = _split(out.stdout)
+    assert env["PT_HPU_LAZY_MODE"] == "0"  # the config's mode (eager + torch.compile), exported to every rank
+    assert env["MASTER_ADDR"] == "gaudi-node-0"
+    line = " ".join(cmd)
+    assert "--map-by ppr:4:socket:PE=12 --rank-by slot" in line
+    assert "--prefix /opt/habanalabs/openmpi --mca plm_rsh_args -p 3022" in line
+    assert "--mca btl_tcp_if_include 10.3.0.0/16" in line
+    assert ("ras_base_launch_orted_on_hn" in line) == bool(extra)
+    assert {"PT_HPU_LAZY_MODE", "GC_KERNEL_PATH", "HCCL_SOCKET_IFNAME", "MASTER_ADDR"} <= set(_exports(cmd))
 
 
 def test_mpirun_single_node_dry_run():
@@ -67,16 +98,35 @@ def test_mpirun_single_node_dry_run():
     env, cmd = _split(out.stdout)
     assert env["MASTER_ADDR"] == "127.0.0.1"
     assert cmd[:3] == ["mpirun", "-n", "8"] and "--hostfile" not in cmd
-    assert "socket:PE=10" in cmd
-    assert _exports(cmd) == ["MASTER_ADDR", "MASTER_PORT", "PT_HPU_LAZY_MODE", "PYTHONPATH"]
+    assert "socket:PE=10" in cmd and "--prefix" not in cmd
+    assert _exports(cmd) == ["MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "PT_HPU_LAZY_MODE"]
     assert cmd[-3:] == ["--config", "configs/bridgetower_large.yaml", "train.micro_batch_size=8"]
+
+
+@pytest.mark.parametrize("script", ["mpirun_gaudi.sh", "deepspeed_multinode.sh", "run.sh"])
+def test_launchers_export_the_config_mode_and_refuse_another(script):
+    """PT_HPU_LAZY_MODE comes from the run config; one exported by hand that disagrees stops the launcher
+    in one line; a config error stops it with the config's own line (nothing is launched)."""
+    args = ["--hostfile", "launch/hostfile.example"] if script == "deepspeed_multinode.sh" else []
+    if script == "mpirun_gaudi.sh":
+        args = ["--cores-per-socket", "4", "--sockets", "1"]
+    train = ["--", "--config", "configs/bridgetower_large.yaml"]
+    ok = _run(script, "--dry-run", *args, *train, "backend.hpu_lazy_mode=false")
+    assert ok.returncode == 0, ok.stderr
+    assert "PT_HPU_LAZY_MODE=0" in ok.stdout
+    refused = _run(script, "--dry-run", *args, *train, env_extra={"PT_HPU_LAZY_MODE": "0"})
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (f"{script}: PT_HPU_LAZY_MODE=0 is exported here but the run config needs "
+                                      "PT_HPU_LAZY_MODE=1 (unset it, or change the config)")
+    bad = _run(script, "--dry-run", *args, *train, "train.micro_bach_size=8")
+    assert bad.returncode == 2 and "unknown config key 'train.micro_bach_size'" in bad.stderr
 
 
 def test_mpirun_pe_from_lscpu_and_master_from_hostfile():
     if shutil.which("lscpu") is None:
         pytest.skip("lscpu not installed")
     out = _run("mpirun_gaudi.sh", "--dry-run", "--nodes", "2", "--hostfile", "launch/hostfile.example", "--",
-               "--config", "c.yaml")
+               "--config", "configs/tiny.yaml")
     assert out.returncode == 0, out.stderr
     env, cmd = _split(out.stdout)
     assert env["MASTER_ADDR"] == "gaudi-node-0"  # first host of the hostfile
@@ -86,7 +136,8 @@ def test_mpirun_pe_from_lscpu_and_master_from_hostfile():
                                              check=True).stdout.splitlines() if line and not line.startswith("#")}
     sockets = len({pair.split(",")[1] for pair in pairs})
     expected = max(1, len(pairs) // sockets // -(-8 // sockets))
-    assert f"socket:PE={expected}" in cmd, (cmd, pairs)
+    ranks_per_socket = -(-8 // sockets)
+    assert f"ppr:{ranks_per_socket}:socket:PE={expected}" in cmd, (cmd, pairs)  # across nodes: procs per socket
 
 
 @pytest.mark.parametrize("args,message", [
@@ -102,16 +153,20 @@ def test_mpirun_argument_errors(args, message):
 
 def test_deepspeed_multinode_dry_run():
     existed = (REPO / ".deepspeed_env").exists()
-    out = _run("deepspeed_multinode.sh", "--dry-run", "--hostfile", "launch/hostfile.example", "--",
-               "--config", "configs/bridgetower_large.yaml", env_extra={"PT_HPU_LAZY_MODE": "0"})
+    out = _run("deepspeed_multinode.sh", "--dry-run", "--hostfile", "launch/hostfile.example", "--ssh-port", "3022",
+               "--", "--config", "configs/bridgetower_large.yaml",
+               env_extra={"GC_KERNEL_PATH": "/usr/lib/habanalabs/libtpc_kernels.so", "HABANA_LOGS": "/var/log/habana_logs"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     env_lines = lines[1:-1]
-    assert "DS_ACCELERATOR=hpu" in env_lines and "PT_HPU_LAZY_MODE=0" in env_lines
+    # DeepSpeed's launcher forwards only PYTHON* variables and .deepspeed_env lines to other nodes
+    assert env_lines == ["DS_ACCELERATOR=hpu", f"PYTHONPATH={REPO}", "PT_HPU_LAZY_MODE=1",
+                         "GC_KERNEL_PATH=/usr/lib/habanalabs/libtpc_kernels.so", "HABANA_LOGS=/var/log/habana_logs"]
     cmd = shlex.split(lines[-1])
     assert cmd[:9] == ["deepspeed", "--hostfile", "launch/hostfile.example", "--num_nodes", "2", "--num_gpus", "8",
                        "--master_addr", "gaudi-node-0"]
     assert "--no_local_rank" in cmd  # our CLI takes no --local_rank argument
+    assert cmd[cmd.index("--ssh_port") + 1] == "3022"
     assert cmd[-5:] == ["--module", "gaudi_pretrain", "train", "--config", "configs/bridgetower_large.yaml"]
     assert existed == (REPO / ".deepspeed_env").exists()  # a dry run writes nothing
 
@@ -198,7 +253,7 @@ def test_gaudi_dockerfile_base_and_args():
     after_from = [a for kind, a in ins[[k for k, _ in ins].index("FROM"):] if kind == "ARG"]
     assert "GAUDI_VERSION" in after_from  # re-declared after FROM, or ${GAUDI_VERSION} is empty in RUN
     cmd = [a for kind, a in ins if kind == "CMD"][-1]
-    assert "/config/run.yaml" in cmd and "train" in cmd
+    assert cmd == '["launch/run.sh", "--", "--config", "/config/run.yaml"]'  # exports the config's mode first
 
 
 def test_gaudi_dockerfile_never_replaces_the_image_torch():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gaudi_pretrain.config import OptimConfig
-from gaudi_pretrain.train.optim import lr_lambda, make_scheduler, param_groups
+from gaudi_pretrain.train.optim import DeviceSchedule, GuardedAdamW, lr_lambda, make_scheduler, param_groups
 
 
 class Block(nn.Module):
@@ -151,19 +151,82 @@ def test_lr_schedule_points():
     assert lr_lambda(OptimConfig(warmup_ratio=0.0), 10)(0) == 1.0
 
 
-def test_scheduler_scales_every_group_including_multiplied():
+@pytest.mark.parametrize("optimizer", ["torch", "guarded"])
+def test_scheduler_scales_every_group_including_multiplied(optimizer):
+    """Host LambdaLR (for torch / Habana optimizers) and the device schedule (GuardedAdamW) give the same lrs."""
     cfg = OptimConfig(lr=1e-3, lr_multiplier=5.0, warmup_ratio=0.1)
     model = TinyBridgeTower()
-    opt = torch.optim.AdamW(param_groups(model, cfg))
+    opt = (torch.optim.AdamW if optimizer == "torch" else GuardedAdamW)(param_groups(model, cfg))
     sched = make_scheduler(opt, cfg, max_steps=20)  # warm-up 2 steps
+    assert isinstance(sched, DeviceSchedule) == (optimizer == "guarded")
     seen = []
     for _ in range(20):
-        seen.append({g["group_name"]: g["lr"] for g in opt.param_groups})
+        seen.append({g["group_name"]: float(g["lr"]) for g in opt.param_groups})
         opt.step()
         sched.step()
     assert seen[0]["decay"] == 0.0
     assert seen[1]["decay"] == pytest.approx(0.5e-3) and seen[1]["decay_mult"] == pytest.approx(2.5e-3)
     assert seen[2]["decay"] == pytest.approx(1e-3) and seen[2]["no_decay_mult"] == pytest.approx(5e-3)
     assert seen[11]["decay"] == pytest.approx(0.5e-3)
-    assert opt.param_groups[0]["lr"] == 0.0  # at max_steps
-    assert "lr_lambdas" in sched.state_dict()  # checkpointable (DeepSpeed saves it)
+    f = lr_lambda(cfg, 20)
+    assert [s["decay"] for s in seen] == pytest.approx([1e-3 * f(k) for k in range(20)], abs=1e-10)
+    assert float(opt.param_groups[0]["lr"]) == 0.0  # at max_steps
+    state = sched.state_dict()  # checkpointable (DeepSpeed saves it)
+    assert ("applied_steps" in state) if optimizer == "guarded" else ("lr_lambdas" in state)
+
+
+def _params(seed: int) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(5, 3, generator=g)), nn.Parameter(torch.randn(7, generator=g))]
+
+
+def _set_grads(params, seed: int, value: float | None = None) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) if value is None else torch.full_like(p, value)
+
+
+def test_guarded_adamw_is_torch_adamw_and_cancels_a_step_on_the_device():
+    """Same arithmetic as torch.optim.AdamW; with `found_inf` = 1 a step with NaN gradients changes no
+    parameter, moment or step count, and the run goes on exactly as if that step had not been taken."""
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    ref_params, ours_params = _params(0), _params(0)
+    ref = torch.optim.AdamW([{"params": ref_params[:1]}, {"params": ref_params[1:], "weight_decay": 0.0}], **kwargs)
+    ours = GuardedAdamW([{"params": ours_params[:1]}, {"params": ours_params[1:], "weight_decay": 0.0}], **kwargs)
+    for step in range(8):
+        if step == 3:  # a non-finite step, cancelled on the device; the reference never sees it
+            _set_grads(ours_params, 99, float("nan"))
+            before = [p.detach().clone() for p in ours_params]
+            state = {k: v.clone() for k, v in ours.state[ours_params[0]].items()}
+            ours.found_inf = torch.tensor(1.0)
+            ours.step()
+            assert all(torch.equal(a, b) for a, b in zip(before, ours_params))
+            assert all(torch.equal(state[k], ours.state[ours_params[0]][k]) for k in state)
+            ours.found_inf = torch.tensor(0.0)
+            continue
+        _set_grads(ref_params, step)
+        _set_grads(ours_params, step)
+        ref.step()
+        ours.step()
+    for a, b in zip(ref_params, ours_params):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert float(ours.state[ours_params[0]]["step"]) == 7.0
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ours.state[ours_params[0]][key], ref.state[ref_params[0]][key])
+
+
+def test_device_schedule_does_not_advance_on_a_cancelled_step_and_resumes():
+    cfg = OptimConfig(lr=1e-3, warmup_ratio=0.1)
+    opt = GuardedAdamW(_params(1), lr=cfg.lr)
+    sched = DeviceSchedule(opt, cfg, max_steps=10)
+    lrs = []
+    for step in range(6):
+        opt.found_inf = torch.tensor(1.0 if step in (2, 3) else 0.0)
+        sched.step()
+        lrs.append(float(opt.param_groups[0]["lr"]))
+    f = lr_lambda(cfg, 10)
+    assert lrs == pytest.approx([1e-3 * f(k) for k in (1, 2, 2, 2, 3, 4)])
+    again = DeviceSchedule(GuardedAdamW(_params(1), lr=cfg.lr), cfg, max_steps=10)
+    again.load_state_dict(sched.state_dict())
+    assert sched.state_dict() == {"applied_steps": 4}
+    assert float(again.optimizer.param_groups[0]["lr"]) == pytest.approx(1e-3 * f(4))

@@ -103,8 +103,11 @@ class Backend(ABC):
         eps: float | None = None,
         weight_decay: float | None = None,
     ) -> torch.optim.Optimizer:
-        """AdamW over `param_groups` (per-group lr / weight_decay win over the defaults given here)."""
-        return torch.optim.AdamW(list(param_groups), **optimizer_kwargs(optim, lr, betas, eps, weight_decay))
+        """AdamW over `param_groups` (per-group lr / weight_decay win over the defaults given here) that can
+        skip a non-finite step on the device (`train.optim.GuardedAdamW`)."""
+        from gaudi_pretrain.train.optim import GuardedAdamW
+
+        return GuardedAdamW(list(param_groups), **optimizer_kwargs(optim, lr, betas, eps, weight_decay))
 
     @property
     def clips_gradients(self) -> bool:

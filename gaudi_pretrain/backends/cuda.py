@@ -1,4 +1,4 @@
-"""CUDA backend: nccl, bf16 autocast, fused torch AdamW, torch.compile on request."""
+"""CUDA backend: nccl, bf16 autocast, torch.compile on request."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from gaudi_pretrain.backends.base import Backend, optimizer_kwargs
+from gaudi_pretrain.backends.base import Backend
 
 # Peak dense tensor-core FLOP/s per device: (bf16, fp32 without TF32). Vendor datasheet numbers; the first
 # substring that occurs in torch.cuda.get_device_name() wins, so more specific names come first.
@@ -47,10 +47,6 @@ class CudaBackend(Backend):
     @property
     def dist_backend(self) -> str:
         return "nccl"
-
-    def make_optimizer(self, param_groups, optim=None, *, lr=None, betas=None, eps=None, weight_decay=None):
-        kwargs = optimizer_kwargs(optim, lr, betas, eps, weight_decay)
-        return torch.optim.AdamW(list(param_groups), fused=True, **kwargs)
 
     def memory_stats(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.device))

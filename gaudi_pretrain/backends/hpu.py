@@ -1,49 +1,30 @@
-"""Intel Gaudi (HPU) backend, written against the documented habana_frameworks API (Gaudi software 1.2x).
+"""Intel Gaudi (HPU) backend, written against the Intel Gaudi PyTorch bridge (`habana_frameworks`, Gaudi
+software 1.2x; checked against Intel's published bridge source, HabanaAI/gaudi-pytorch-bridge v1.19.0, and
+docs.habana.ai). Launch and mode rules, and what was verified how: README "Running on Gaudi".
 
-What it does, in the order it happens:
-- `prepare_environment()` sets PT_HPU_LAZY_MODE (1 = lazy graphs, 0 = eager + torch.compile) BEFORE the
-  first `import habana_frameworks`, DS_ACCELERATOR=hpu for DeepSpeed, PT_HPU_METRICS_FILE /
-  PT_HPU_METRICS_DUMP_TRIGGERS=process_exit,metric_change (graph-compile counting; existing values win),
-  and the autocast op lists of the gaudi_config; then imports `habana_frameworks.torch.core`.
-- `dist_backend` imports `habana_frameworks.torch.distributed.hccl` (registers the "hccl" backend) and
-  returns "hccl".
-- Lazy mode: `after_backward()` and `after_optimizer_step()` each call `htcore.mark_step()` (one graph
-  for forward+backward, one for the optimizer). Eager mode: both are no-ops and `compile()` wraps the
-  model in `torch.compile(backend="hpu_backend")`. In lazy mode `compile()` returns the model unchanged:
-  lazy mode already builds graphs, and HPU graphs (`wrap_in_hpu_graph`) are not used for training here.
-- Optimizer: `hpex.optimizers.FusedAdamW` with eps passed explicitly (its default is 1e-6, torch's 1e-8).
-- Clipping: `hpex.normalization.FusedClipNorm(params, max_norm).clip_norm(params)`.
-- Attention: `hpex.kernels.FusedSDPA.apply` behind torch SDPA's signature.
-- RNG: `torch.hpu.random.get_rng_state` / `set_rng_state`, saved per rank in checkpoints (dropout masks
-  of a resumed run equal the uninterrupted run's).
-
-gaudi_config.json (optimum-habana's GaudiConfig keys) is honoured:
-- use_fused_adam: FusedAdamW (true) or torch.optim.AdamW (false).
-- use_fused_clip_norm: FusedClipNorm (true) or torch.nn.utils.clip_grad_norm_ (false). It also decides
-  who clips: the backend (loop calls clip_grad_norm, DeepSpeed gradient_clipping 0) only when precision
-  is fp32 and ZeRO stage is 0; otherwise DeepSpeed clips its own fp32/partitioned gradients.
-- use_torch_autocast: bf16 `torch.autocast("hpu")` around forward+loss when precision is bf16.
-- autocast_bf16_ops / autocast_fp32_ops: written one op per line to files named by
-  PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST / PT_HPU_AUTOCAST_FP32_OPS_LIST before the import (the bridge
-  reads them then), replacing Habana's default autocast lists; null keeps the defaults.
-Other GaudiConfig keys are ignored (listed in `ignored_keys`).
+Since software 1.18 a bare `import torch` loads the bridge through torch's device-backend autoload
+(docs.habana.ai "PyTorch Autoloading"; bridge `autoload/__init__.py`: skipped in lazy mode unless
+PT_HPU_AUTOLOAD=1). The bridge reads PT_HPU_LAZY_MODE once, when it loads (`utils/internal.py is_lazy`), so
+the mode is fixed before our code runs whenever torch was imported first: the launchers export it from the
+config (`gaudi-pretrain launch-env`), the process sets it when the bridge is not loaded yet, and after the
+import it asks the bridge which mode it really runs in and refuses a mismatch in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import sys
-import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gaudi_pretrain.backends.base import AttentionFn, Backend, optimizer_kwargs
 from gaudi_pretrain.config import BackendConfig
@@ -51,9 +32,13 @@ from gaudi_pretrain.errors import ConfigError
 
 LAZY_MODE_ENV = "PT_HPU_LAZY_MODE"
 METRICS_FILE_ENV = "PT_HPU_METRICS_FILE"
-METRICS_TRIGGERS_ENV = "PT_HPU_METRICS_DUMP_TRIGGERS"
-BF16_OPS_ENV = "PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST"
-FP32_OPS_ENV = "PT_HPU_AUTOCAST_FP32_OPS_LIST"
+# The one test seam: tensors (and DeepSpeed's accelerator) on this device instead of "hpu". Only the
+# habana_frameworks test double (tests/hpu_double) sets it, because a CPU build of torch has no HPU tensors.
+DEVICE_ENV = "GAUDI_PRETRAIN_HPU_DEVICE"
+# Lazy mode is a legacy fallback from this release on: eager + torch.compile became the default in 1.21
+# (HabanaAI/Gaudi-tutorials PR 131; docs.habana.ai "PyTorch Gaudi Theory of Operations": "Lazy mode is a
+# legacy fallback that is no longer developed and will be deprecated in subsequent releases").
+LAZY_LEGACY_SINCE = (1, 21)
 
 # Peak dense bf16 FLOP/s (matrix engines). Gaudi2: our estimate from public material (~432 TFLOP/s);
 # Gaudi3: Intel's published 1835 TFLOP/s. Used only for MFU; None for other generations / fp32.
@@ -62,23 +47,37 @@ _PEAK_BF16_FLOPS = {"GAUDI3": 1835e12, "GAUDI2": 432e12}
 
 def habana_installed() -> bool:
     """True when `habana_frameworks` can be imported. Only the top-level name is looked up: finding a
-    submodule's spec would import the parent package before PT_HPU_LAZY_MODE is set."""
+    submodule's spec would import the parent package."""
     try:
         return importlib.util.find_spec("habana_frameworks") is not None
     except (ImportError, ValueError):
         return False
 
 
-@dataclass(frozen=True)
-class GaudiConfig:
-    """The subset of optimum-habana's gaudi_config.json this project acts on."""
+def bridge_version() -> tuple[int, ...] | None:
+    """The installed bridge's release (the `habana-torch-plugin` wheel), e.g. (1, 22, 0), or None."""
+    try:
+        text = importlib.metadata.version("habana-torch-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
 
-    use_fused_adam: bool = True
+
+class GaudiConfig(BaseModel):
+    """The part of optimum-habana's gaudi_config.json this project acts on; its other keys are ignored
+    (kept in `model_extra`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    use_fused_adam: bool = False
     use_fused_clip_norm: bool = True
     use_torch_autocast: bool = True
-    autocast_bf16_ops: tuple[str, ...] | None = None
-    autocast_fp32_ops: tuple[str, ...] | None = None
-    ignored_keys: tuple[str, ...] = field(default=(), compare=False)
+    autocast_bf16_ops: None = None
+    autocast_fp32_ops: None = None
+
+    @property
+    def ignored_keys(self) -> tuple[str, ...]:
+        return tuple(sorted(self.model_extra or {}))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None) -> "GaudiConfig":
@@ -93,26 +92,24 @@ class GaudiConfig:
             raise ConfigError(f"backend.gaudi_config {path} is not valid JSON (line {exc.lineno})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"backend.gaudi_config {path} must hold a JSON object")
-        known = {"use_fused_adam", "use_fused_clip_norm", "use_torch_autocast", "autocast_bf16_ops",
-                 "autocast_fp32_ops"}
-        values: dict[str, Any] = {}
-        for key in ("use_fused_adam", "use_fused_clip_norm", "use_torch_autocast"):
-            if key in raw:
-                if not isinstance(raw[key], bool):
-                    raise ConfigError(f"backend.gaudi_config {path}: '{key}' must be true or false")
-                values[key] = raw[key]
-        for key in ("autocast_bf16_ops", "autocast_fp32_ops"):
-            ops = raw.get(key)
-            if ops is not None:
-                if not isinstance(ops, list) or not all(isinstance(op, str) and op for op in ops):
-                    raise ConfigError(f"backend.gaudi_config {path}: '{key}' must be null or a list of op names")
-                values[key] = tuple(ops)
-        return cls(**values, ignored_keys=tuple(sorted(set(raw) - known)))
+        try:
+            return cls.model_validate(raw, strict=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(p) for p in error["loc"])
+            if key in ("autocast_bf16_ops", "autocast_fp32_ops"):
+                raise ConfigError(
+                    f"backend.gaudi_config {path}: '{key}' is not supported (the bridge reads autocast op lists "
+                    "from PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST / PT_HPU_AUTOCAST_FP32_OPS_LIST files when torch "
+                    "is first imported: export those instead; LayerNorm, softmax and the losses already run in "
+                    "fp32 regions)") from None
+            raise ConfigError(f"backend.gaudi_config {path}: '{key}' must be true or false") from None
 
 
 def make_fused_sdpa(fused_sdpa_cls: Any) -> AttentionFn:
-    """Adapt `FusedSDPA.apply` to torch's `scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
-    is_causal, scale)`. Boolean masks (True = attend, torch's convention) become additive float masks."""
+    """Adapt `FusedSDPA.apply` (an autograd Function: positional arguments only) to torch's
+    `scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)`. Boolean masks (True =
+    attend, torch's convention) become additive float masks."""
 
     def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
         if attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -123,6 +120,10 @@ def make_fused_sdpa(fused_sdpa_cls: Any) -> AttentionFn:
         return fused_sdpa_cls.apply(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
     return fused_sdpa
+
+
+def _mode(lazy: bool) -> str:
+    return "lazy" if lazy else "eager (+ torch.compile)"
 
 
 class HpuBackend(Backend):
@@ -142,31 +143,33 @@ class HpuBackend(Backend):
     # ------------------------------------------------------------------ environment
 
     def set_environment(self) -> None:
-        """Environment only (no import). Refuses when habana_frameworks was imported under another mode."""
-        wanted = "1" if self.lazy else "0"
-        if "habana_frameworks.torch" in sys.modules and os.environ.get(LAZY_MODE_ENV, wanted) != wanted:
-            raise ConfigError(
-                f"habana_frameworks was imported with {LAZY_MODE_ENV}={os.environ.get(LAZY_MODE_ENV)} but the "
-                f"config asks for {wanted}: select and prepare the backend before importing it"
-            )
-        os.environ[LAZY_MODE_ENV] = wanted
-        os.environ["DS_ACCELERATOR"] = "hpu"
-        os.environ.setdefault(METRICS_FILE_ENV, str(Path(tempfile.gettempdir()) / f"gaudi_pretrain_hpu_metrics_{os.getpid()}.json"))
-        os.environ.setdefault(METRICS_TRIGGERS_ENV, "process_exit,metric_change")
-        ops_dir: Path | None = None
-        for ops, env in ((self.gaudi.autocast_bf16_ops, BF16_OPS_ENV), (self.gaudi.autocast_fp32_ops, FP32_OPS_ENV)):
-            if ops is None:
-                continue
-            ops_dir = ops_dir or Path(tempfile.mkdtemp(prefix="gaudi_pretrain_autocast_"))
-            path = ops_dir / f"{env.lower()}.txt"
-            path.write_text("".join(op + "\n" for op in ops))
-            os.environ[env] = str(path)
+        """Before the bridge loads: the config's mode, unless the launcher already exported another one."""
+        from gaudi_pretrain import launch_env
+
+        launch_env.apply(self.cfg.model_copy(update={"name": "hpu"}), can_set="habana_frameworks.torch" not in sys.modules)
+        os.environ["DS_ACCELERATOR"] = "hpu" if self.device.type == "hpu" else self.device.type
 
     def prepare_environment(self) -> None:
         if self._htcore is not None:
             return
         self.set_environment()
         self._htcore = importlib.import_module("habana_frameworks.torch.core")
+        self._check_mode()
+
+    def _check_mode(self) -> None:
+        """The bridge's own answer (read once when it loaded) must be the config's mode."""
+        actual = bool(importlib.import_module("habana_frameworks.torch.utils.internal").is_lazy())
+        if actual != self.lazy:
+            raise ConfigError(
+                f"the Gaudi bridge runs in {_mode(actual)} mode ({LAZY_MODE_ENV}="
+                f"{os.environ.get(LAZY_MODE_ENV, 'unset')} when torch was first imported) but the config asks for "
+                f"{_mode(self.lazy)} (backend.hpu_lazy_mode={str(self.lazy).lower()}): export "
+                f"{LAZY_MODE_ENV}={'1' if self.lazy else '0'} before Python starts (launch/*.sh do it)")
+        version = bridge_version()
+        if self.lazy and version and version[:2] >= LAZY_LEGACY_SINCE:
+            warnings.warn(
+                f"Gaudi software {'.'.join(map(str, version))} runs lazy mode as a legacy fallback (its default is "
+                "eager + torch.compile: backend.hpu_lazy_mode=false)", stacklevel=2)
 
     def _core(self) -> Any:
         if self._htcore is None:
@@ -179,19 +182,19 @@ class HpuBackend(Backend):
 
     @classmethod
     def available(cls, cfg: BackendConfig | None = None) -> bool:
-        """habana_frameworks importable and at least one HPU present. Sets the env first (import order)."""
+        """habana_frameworks importable and at least one HPU present (prepares the environment first)."""
         if not habana_installed():
             return False
         probe = cls(cfg)
-        probe.set_environment()
+        probe.prepare_environment()
         try:
-            return bool(importlib.import_module("habana_frameworks.torch.hpu").is_available())
+            return bool(probe._hpu().is_available())
         except Exception:  # a broken install counts as "no HPU", auto selection then falls through
             return False
 
     @property
     def device(self) -> torch.device:
-        return torch.device("hpu")  # the runtime binds each process to its own card
+        return torch.device(os.environ.get(DEVICE_ENV, "hpu"))  # the runtime binds each process to its card
 
     @property
     def dist_backend(self) -> str:
@@ -203,18 +206,17 @@ class HpuBackend(Backend):
 
     def autocast(self) -> ContextManager[Any]:
         if self.precision == "bf16" and self.gaudi.use_torch_autocast:
-            return torch.autocast(device_type="hpu", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def make_optimizer(self, param_groups, optim=None, *, lr=None, betas=None, eps=None, weight_decay=None):
-        kwargs = optimizer_kwargs(optim, lr, betas, eps, weight_decay)
-        groups = list(param_groups)
         if not self.gaudi.use_fused_adam:
-            return torch.optim.AdamW(groups, **kwargs)
+            return super().make_optimizer(param_groups, optim, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        kwargs = optimizer_kwargs(optim, lr, betas, eps, weight_decay)
         self._core()
         fused = importlib.import_module("habana_frameworks.torch.hpex.optimizers").FusedAdamW
         # eps explicitly: FusedAdamW's default (1e-6) differs from the recipe's and torch's 1e-8.
-        return fused(groups, lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
+        return fused(list(param_groups), lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
                      weight_decay=kwargs["weight_decay"])
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
@@ -249,7 +251,8 @@ class HpuBackend(Backend):
                 self._warned_compile = True
             return model
         self._core()  # registers the "hpu_backend" dynamo backend
-        return torch.compile(model, backend="hpu_backend")
+        # static shapes, as Intel's reference models compile (Model-References 1.23 PyTorch/nlp/bert/run_squad.py)
+        return torch.compile(model, backend="hpu_backend", dynamic=False)
 
     def attention_fn(self) -> AttentionFn | None:
         self._core()
@@ -258,7 +261,7 @@ class HpuBackend(Backend):
     # ------------------------------------------------------------------ measurements
 
     def graph_compile_count(self) -> int | None:
-        """Graph compilations so far: the live metric if the bridge exposes it, else the metrics file."""
+        """Graph compilations so far: the bridge's live metric, else a PT_HPU_METRICS_FILE dump if one is set."""
         try:
             metrics = importlib.import_module("habana_frameworks.torch.hpu.metrics")
             metric = metrics.metric_global("graph_compilation")
@@ -276,9 +279,7 @@ class HpuBackend(Backend):
 
     def set_seed(self, seed: int) -> None:
         super().set_seed(seed)
-        seed_hpu = getattr(self._hpu(), "manual_seed", None)
-        if seed_hpu is not None:
-            seed_hpu(seed)
+        self._random().manual_seed_all(seed)  # hpu/random.py; an AttributeError here is a real API change
 
     def _random(self) -> Any:
         self._core()

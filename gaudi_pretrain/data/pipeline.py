@@ -265,7 +265,7 @@ def iter_worker_batches(spec: LoaderSpec, tokenizer: Any, logical_worker: int,
                 else:  # impossible by construction (nb * B >= range length); fail loudly if not
                     raise RuntimeError("data plan error: more samples than batches")
             batch = make(rows, _rng(spec.seed, spec.split_tag, _TAG_BATCH, epoch, g, k))
-            batch["skipped"] = torch.tensor(skipped, dtype=torch.int64)
+            batch["skipped"] = skipped  # a host count (an int, no tensor): the loop never reads the device for it
             batch["_cursor"] = {"worker": logical_worker, "epoch": epoch, "batch": k, "pos": pos}
             yield batch
 

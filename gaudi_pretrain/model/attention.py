@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gaudi_pretrain.model.precision import fp32_region
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
@@ -35,7 +37,8 @@ def eager_attention(q, k, v, attn_mask, dropout_p):
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # [B, H, Lq, Lk]
     if attn_mask is not None:
         scores = scores + attn_mask
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    with fp32_region(scores):
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, v)
 

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from gaudi_pretrain.config import ModelConfig
 from gaudi_pretrain.errors import ConfigError
 from gaudi_pretrain.model.attention import QKV, FusedInProjAttention
+from gaudi_pretrain.model.precision import fp32_region
 
 DROPOUT = 0.1  # transformers' BridgeTowerTextConfig hidden/attention dropout (also used by the cross layers)
 INIT_STD = 0.02
@@ -44,14 +45,14 @@ def set_dropout(module: nn.Module, p: float) -> None:
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm that normalises in fp32 when activations are bf16/fp16 (same parameters and names)."""
+    """nn.LayerNorm that normalises in fp32 (same parameters and names), also where autocast would run
+    layer_norm in bf16 (Gaudi's default list: see precision.py); returns the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        with fp32_region(x):
+            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

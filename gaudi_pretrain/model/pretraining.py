@@ -28,6 +28,7 @@ from torch import nn
 
 from gaudi_pretrain.config import ModelConfig
 from gaudi_pretrain.model.bridgetower import BridgeTowerModel, Features, LayerNorm, init_weights
+from gaudi_pretrain.model.precision import fp32_region
 
 IGNORE_INDEX = -100
 LOGIT_SCALE_INIT = 2.6592  # transformers' BridgeTowerConfig.logit_scale_init_value (-itm-mlm-itc)
@@ -86,7 +87,8 @@ def _ce_stats(logits: torch.Tensor, labels: torch.Tensor):
     logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     valid = labels.ne(IGNORE_INDEX)
     count = valid.sum()
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
+    with fp32_region(logits):
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp(min=1)
     correct = (logits.argmax(dim=-1).eq(labels) & valid).sum()
     return loss, correct.detach(), count.detach()
 

@@ -23,6 +23,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_env(args: argparse.Namespace) -> int:
+    from gaudi_pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for name, value in cfg.backend.launch_environment().items():
+        print(f"{name}={value}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from gaudi_pretrain.train.standalone import evaluate_checkpoint
 
@@ -59,6 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="auto|DIR", default=None,
                    help="resume from the latest checkpoint of the run ('auto') or from a checkpoint directory")
     p.set_defaults(handler=_train)
+
+    p = sub.add_parser(
+        "launch-env",
+        help="print the NAME=value variables a launcher exports before Python starts (the train arguments)",
+        description="Validate the run config like `train` and print, one NAME=value per line, what must be in "
+        "the environment before Python starts for it (on Gaudi: PT_HPU_LAZY_MODE, read by the bridge when torch "
+        "is first imported). launch/*.sh call it with the train arguments; nothing is printed for cpu/cuda.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--resume", metavar="auto|DIR", default=None, help="accepted and ignored (train's option)")
+    p.set_defaults(handler=_launch_env)
 
     p = sub.add_parser(
         "eval",

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from gaudi_pretrain import launch_env
 from gaudi_pretrain.config import RunConfig, check_batch_geometry, deepspeed_config, save_config
 from gaudi_pretrain.errors import CheckpointError, ConfigError, TrainingError
 from gaudi_pretrain.paths import confined
@@ -32,7 +34,10 @@ class RunContext:
     run_dir: Path
     tokenizer: Any
     flops_per_sample: float
+    optimizer: Any = None  # the optimizer the backend built (DeepSpeed may wrap it: engine.optimizer)
     grad_check: Any = None  # GradientCheck where DeepSpeed holds the gradients (bf16 or ZeRO >= 1)
+    skip_on_device: bool = False  # whether a non-finite step is cancelled without a host read
+    nonfinite: Any = None  # NonfiniteCounter
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,12 +74,18 @@ def setup(cfg: RunConfig) -> RunContext:
 
     Everything that checks the user's input (batch geometry, output directory, shard specs, tokenizer)
     runs before the first byte is written, so bad input leaves no run directory behind."""
+    from gaudi_pretrain.distributed import discover, export_env
+
+    # Who we are comes first, from the launcher's variables, and goes into the environment before torch is
+    # imported: torch autoloads the Gaudi bridge, whose hccl module fills in RANK / MASTER_ADDR=localhost /
+    # HLS_MODULE_ID from what it finds then (see backends/hpu.py).
+    info = discover()
+    export_env(info)
+    launch_env.apply(cfg.backend, can_set="torch" not in sys.modules)  # PT_HPU_LAZY_MODE before `import torch`
     from gaudi_pretrain.backends import select_backend
-    from gaudi_pretrain.distributed import discover
 
     backend = select_backend(cfg.backend, cfg.train.precision, cfg.train.zero_stage)
-    backend.prepare_environment()  # before torch device libraries / deepspeed are imported
-    info = discover()
+    backend.prepare_environment()  # before deepspeed is imported
     check_batch_geometry(cfg, info.world_size)
     run_dir = Path(cfg.train.output_dir)
     _check_output_dir(run_dir)
@@ -93,10 +104,14 @@ def setup(cfg: RunConfig) -> RunContext:
     from gaudi_pretrain.distributed import init_distributed
     from gaudi_pretrain.model import flops_per_sample, set_attention_fn
     from gaudi_pretrain.model.hf_io import build_model
-    from gaudi_pretrain.train.nonfinite import gradient_check_for
+    from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
+
+    from gaudi_pretrain.train.nonfinite import NonfiniteCounter, decides_on_device, gradient_check_for
     from gaudi_pretrain.train.optim import make_scheduler, param_groups
 
     init_distributed(info, backend.dist_backend)
+    if info.rank == 0:
+        print(f"rendezvous {info.master_addr}:{info.master_port}, {info.world_size} ranks ({info.source})", flush=True)
     backend.set_seed(cfg.train.seed)
 
     set_attention_fn(backend.attention_fn())
@@ -104,7 +119,8 @@ def setup(cfg: RunConfig) -> RunContext:
     model = backend.compile(model)
     optimizer = backend.make_optimizer(param_groups(model, cfg.optim), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    ds_config = deepspeed_config(cfg, info.world_size, clip_in_engine=not backend.clips_gradients)
+    ds_config = deepspeed_config(cfg, info.world_size, clip_in_engine=not backend.clips_gradients,
+                                 optimizer_known_to_deepspeed=is_zero_supported_optimizer(optimizer))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -119,7 +135,10 @@ def setup(cfg: RunConfig) -> RunContext:
         run_dir=run_dir,
         tokenizer=tokenizer,
         flops_per_sample=flops_per_sample(cfg.model, cfg.data.max_text_len),
+        optimizer=optimizer,
         grad_check=gradient_check_for(engine.module, backend),
+        skip_on_device=decides_on_device(engine, optimizer),
+        nonfinite=NonfiniteCounter(backend.device),
     )
 
 
@@ -150,6 +169,7 @@ def save_checkpoint(ctx: RunContext) -> Path:
     )
 
     s, cfg, rank = ctx.state, ctx.cfg, ctx.dist.rank
+    _read_nonfinite(ctx)
     root, tag = checkpoints_dir(ctx.run_dir), tag_for(s["step"])
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -168,7 +188,8 @@ def save_checkpoint(ctx: RunContext) -> Path:
             samples_seen=s["samples_seen"],
             config_fingerprint=cfg.fingerprint(),
             world_size=ctx.dist.world_size,
-            extra={"nonfinite_steps": s["nonfinite_steps"], **_optimizer_layout(cfg)},
+            extra={"nonfinite_steps": s["nonfinite_steps"], "skipped_samples_global": s["skipped_global"],
+                   **_optimizer_layout(cfg)},
         )
         write_run_files(root / tag, cfg, client, weights)
         publish(root, tag, cfg.checkpoint.keep_last)
@@ -195,6 +216,7 @@ def restore_checkpoint(ctx: RunContext) -> None:
         weights_match,
         weights_only_torch_load,
     )
+    from gaudi_pretrain.train.nonfinite import NonfiniteCounter, all_ranks
 
     spec = ctx.cfg.checkpoint.resume
     path = resolve_checkpoint(spec, ctx.run_dir) if spec else None
@@ -224,18 +246,22 @@ def restore_checkpoint(ctx: RunContext) -> None:
     rank_state = read_rank_state(path, ctx.dist.rank)
     weights = unwrapped_state_dict(ctx.engine, ctx.cfg.train.zero_stage)  # a collective under ZeRO-3
     match = torch.tensor(weights_match(weights, rank_state), device=ctx.backend.device)
-    if not _all_ranks_true(match):
+    if not bool(all_ranks(match)):
         raise CheckpointError(f"weights loaded from {path} differ from the ones saved there (sha256 mismatch)")
     ctx.loader.load_state_dict(rank_state["data"])
     rng_warning = set_rng_state(rank_state["rng"], ctx.backend)
     counters = rank_state.get("counters", {})
+    skipped = counters.get("skipped_samples", client.extra.get("skipped_samples", 0))
     ctx.state.update(
         step=client.step,
         samples_seen=client.samples_seen,
-        skipped_samples=counters.get("skipped_samples", client.extra.get("skipped_samples", 0)),
+        skipped_samples=skipped,
+        skipped_logged=skipped,
+        skipped_global=client.extra.get("skipped_samples_global", 0),
         nonfinite_steps=client.extra.get("nonfinite_steps", 0),
         resumed_from=str(path),
     )
+    ctx.nonfinite = NonfiniteCounter(ctx.backend.device, total=ctx.state["nonfinite_steps"])
     _truncate_sample_log(ctx, client.step)
     if ctx.dist.rank == 0:
         print(f"resumed from {path} at step {client.step}", flush=True)
@@ -284,24 +310,24 @@ def _next_batch(ctx: RunContext, data_iter: Iterator[dict[str, Any]], timer: Any
     batch = next(data_iter)
     timer.data_wait += time.perf_counter() - start
     keys = batch.pop("keys")
-    ctx.state["skipped_samples"] += int(batch.pop("skipped"))
+    ctx.state["skipped_samples"] += batch.pop("skipped")  # a host int: no device read
     if ctx.cfg.logging.sample_log:
         _log_samples(ctx, ctx.state["step"], keys)
     return batch
 
 
-def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: Any, timer: Any) -> bool:
+def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: Any, timer: Any) -> None:
     """One optimizer step = gradient_accumulation_steps micro-steps (DeepSpeed steps on the boundary).
 
-    Returns False when the step was skipped because the loss or the gradients were not finite: then
-    no weight, optimizer moment or learning-rate update happened and its metrics are dropped (its batches
-    were drawn all the same: the data cursor and the sample log move past them)."""
+    A step whose loss or gradients are not finite on any rank is cancelled on every rank: no weight,
+    optimizer moment, step count or learning-rate update happens and its metrics are dropped (its batches
+    were drawn all the same: the data cursor and the sample log move past them). Nothing here reads the
+    device (see nonfinite.py for the configurations that need one read per step)."""
     import torch
 
     engine, backend, cfg = ctx.engine, ctx.backend, ctx.cfg
     step = ctx.state["step"] + 1  # the step being run, as logged
-    finite = torch.ones((), dtype=torch.bool, device=backend.device)  # stays on the device: no sync
-    applied = True
+    finite = torch.ones((), dtype=torch.bool, device=backend.device)
     for _ in range(cfg.train.gradient_accumulation_steps):
         batch = _to_device(_next_batch(ctx, data_iter, timer), backend.device, ctx.state["float_dtype"])
         with backend.autocast():
@@ -312,81 +338,65 @@ def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: Any, t
         engine.backward(loss)
         backend.after_backward()
         if engine.is_gradient_accumulation_boundary():
-            applied = _optimizer_step(ctx, finite)
+            finite = _optimizer_step(ctx, finite)
         else:
             engine.step()  # between boundaries DeepSpeed only counts the micro-step
         backend.after_optimizer_step()
-    if applied:
-        acc.commit()
-    else:
-        acc.discard()
+    acc.commit(finite)
+    ctx.nonfinite.add(finite)
     ctx.state["step"] = step
     maybe_crash("after_step", step, ctx.dist.rank)
     ctx.state["samples_seen"] += cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * ctx.dist.world_size
-    return applied
 
 
-def _optimizer_step(ctx: RunContext, finite: Any) -> bool:
-    """The boundary micro-step: clip, check finiteness (one host sync), then step or skip.
+def _optimizer_step(ctx: RunContext, finite: Any) -> Any:
+    """The boundary micro-step: clip (when the loop clips), agree across ranks, step or cancel the step.
+    Returns the all-ranks decision (a device bool).
 
     When the loop clips (fp32, ZeRO 0: gradients are param.grad) the pre-clip global norm tells whether
-    the gradients are finite. When DeepSpeed clips (bf16 / ZeRO), the gradients are checked as autograd
-    produces them (`GradientCheck`), because not every DeepSpeed version skips non-finite bf16 steps.
-    Either way a bad step is skipped here (`nonfinite.skip_step`: no update, no lr-schedule step)."""
+    the gradients are finite; when DeepSpeed holds them (bf16 / ZeRO) `GradientCheck` does, because not
+    every DeepSpeed version skips non-finite bf16 steps."""
     import torch
 
-    from gaudi_pretrain.train.nonfinite import skip_step
+    from gaudi_pretrain.train.nonfinite import all_ranks, step_or_skip
 
     engine, backend, cfg = ctx.engine, ctx.backend, ctx.cfg
     if backend.clips_gradients:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         norm = backend.clip_grad_norm(engine.module.parameters(), max_norm)
         ctx.state["grad_norm"] = norm
-        if norm is not None:
-            finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
-        if not _all_ranks_true(finite):
-            skip_step(engine)
-            return False
-        engine.step()
-        return True
-    if not _all_ranks_true(finite & ctx.grad_check.finite()):
-        skip_step(engine)  # DeepSpeed 0.16 (Habana's fork) would apply it: see nonfinite.py
-        return False
-    engine.step()
-    return bool(engine.was_step_applied())
+        finite = finite & torch.isfinite(torch.as_tensor(norm, device=finite.device))
+    else:
+        finite = finite & ctx.grad_check.finite()
+    ok = all_ranks(finite)
+    step_or_skip(engine, ctx.optimizer, ok, ctx.skip_on_device)
+    return ok
 
 
-def _all_ranks_true(flag: Any) -> bool:
-    """The step's one host sync: every rank gets the same answer, so all skip or step together."""
-    import torch
-    import torch.distributed as dist
-
-    value = flag.to(torch.int32)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+def _read_nonfinite(ctx: RunContext) -> int:
+    """Bring the device's skip counts to the host (the logging cadence, checkpoints); returns the longest
+    run of consecutive skipped steps since the last read."""
+    total, run, longest = ctx.nonfinite.read()
+    ctx.state.update(nonfinite_steps=total, consecutive_nonfinite=run)
+    return longest
 
 
-def _count_nonfinite(ctx: RunContext, applied: bool) -> bool:
-    """Count a skipped step; True when `train.max_consecutive_nonfinite` consecutive steps were skipped."""
-    s = ctx.state
-    if applied:
-        s["consecutive_nonfinite"] = 0
-        return False
-    s["nonfinite_steps"] += 1
-    s["consecutive_nonfinite"] += 1
-    return s["consecutive_nonfinite"] >= ctx.cfg.train.max_consecutive_nonfinite
-
-
-def _stop_nonfinite(ctx: RunContext) -> None:
-    """Save the last good state (the skipped steps changed no weights) and stop the run."""
-    s = ctx.state
-    first_bad = s["step"] - s["consecutive_nonfinite"] + 1
+def _stop_nonfinite(ctx: RunContext, longest: int) -> None:
+    """Save the state and stop the run. The skipped steps changed no weights, so when the run is still
+    in its streak the checkpoint holds the weights from before it."""
+    s, limit = ctx.state, ctx.cfg.train.max_consecutive_nonfinite
     path = save_checkpoint(ctx)
+    if s["consecutive_nonfinite"] >= limit:
+        first_bad = s["step"] - s["consecutive_nonfinite"] + 1
+        raise TrainingError(
+            f"stopping: {s['consecutive_nonfinite']} consecutive steps ({first_bad}-{s['step']}) had a non-finite "
+            f"loss or gradients (train.max_consecutive_nonfinite={limit}); the last good weights (after step "
+            f"{first_bad - 1}) are saved in {path}"
+        )
     raise TrainingError(
-        f"stopping: {s['consecutive_nonfinite']} consecutive steps ({first_bad}-{s['step']}) had a non-finite "
-        f"loss or gradients (train.max_consecutive_nonfinite={ctx.cfg.train.max_consecutive_nonfinite}); "
-        f"the last good weights (after step {first_bad - 1}) are saved in {path}"
+        f"stopping: {longest} consecutive steps before step {s['step']} had a non-finite loss or gradients "
+        f"(train.max_consecutive_nonfinite={limit}, checked every logging.every_steps); the weights after step "
+        f"{s['step']} are saved in {path}"
     )
 
 
@@ -395,8 +405,11 @@ def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, b
 
     s, cfg, world = ctx.state, ctx.cfg, ctx.dist.world_size
     means = acc.reduce()
+    s["longest_nonfinite"] = _read_nonfinite(ctx)
     elapsed, wait = timer.reset()
-    wait_total, skipped = all_reduce_sum([wait, s["skipped_samples"]], ctx.backend.device)
+    wait_total, skipped = all_reduce_sum([wait, s["skipped_samples"] - s["skipped_logged"]], ctx.backend.device)
+    s["skipped_logged"] = s["skipped_samples"]
+    s["skipped_global"] += int(round(skipped))
     samples = steps_since * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
     per_device = samples / max(elapsed, 1e-9) / world
     peak = ctx.backend.peak_flops()
@@ -404,7 +417,7 @@ def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, b
         "kind": "train",
         "step": s["step"],
         **means,
-        "lr": ctx.engine.get_lr()[0],
+        "lr": float(ctx.engine.get_lr()[0]),
         "grad_norm": _grad_norm(ctx),
         "samples_per_s": per_device * world,
         "samples_per_s_per_device": per_device,
@@ -413,7 +426,7 @@ def _log(ctx: RunContext, acc: Any, timer: Any, steps_since: int, writer: Any, b
         "memory_gib": ctx.backend.memory_stats() / 2**30,
         "rss_gib": current_rss_bytes() / 2**30,
         "rss_with_workers_gib": current_rss_bytes(include_children=True) / 2**30,
-        "skipped_samples": int(skipped),
+        "skipped_samples": s["skipped_global"],
         "nonfinite_steps": s["nonfinite_steps"],
         "samples_seen": s["samples_seen"],
         "graph_compiles": ctx.backend.graph_compile_count(),
@@ -436,11 +449,12 @@ def _grad_norm(ctx: RunContext) -> float | None:
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the last train record and the final eval record."""
+    ctx = setup(cfg)  # first: it prepares the environment torch's first import depends on
     from gaudi_pretrain.train.evaluate import evaluate
     from gaudi_pretrain.train.metrics import MetricsWriter, StepAccumulator, Throughput
 
-    ctx = setup(cfg)
-    ctx.state = {"step": 0, "samples_seen": 0, "skipped_samples": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
+    ctx.state = {"step": 0, "samples_seen": 0, "skipped_samples": 0, "skipped_logged": 0, "skipped_global": 0,
+                 "nonfinite_steps": 0, "consecutive_nonfinite": 0}
     ctx.state["float_dtype"] = next(ctx.engine.module.parameters()).dtype
     restore_checkpoint(ctx)
     rank0 = ctx.dist.rank == 0
@@ -454,18 +468,17 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     ctx.engine.train()
     try:
         while ctx.state["step"] < cfg.train.max_steps:
-            applied = train_step(ctx, data_iter, acc, timer)
-            stop = _count_nonfinite(ctx, applied)
+            train_step(ctx, data_iter, acc, timer)
             steps_since_log += 1
             step = ctx.state["step"]
             if bar is not None:
                 bar.update(1)
             final = step == cfg.train.max_steps
-            if step % cfg.logging.every_steps == 0 or final or stop:
+            if step % cfg.logging.every_steps == 0 or final:
                 last_train = _log(ctx, acc, timer, steps_since_log, writer, bar)
                 steps_since_log = 0
-            if stop:
-                _stop_nonfinite(ctx)
+                if ctx.state["longest_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+                    _stop_nonfinite(ctx, ctx.state["longest_nonfinite"])
             if cfg.data.eval_shards and (step % cfg.eval.every_steps == 0 or final):
                 last_eval = evaluate(ctx, step)
                 writer.write(last_eval)

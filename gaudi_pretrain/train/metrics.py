@@ -1,7 +1,9 @@
 """Training metrics: device-side accumulation, one reduction per log step, JSONL + TensorBoard output.
 
 Per-step `.item()` calls force a host sync (costly in HPU lazy mode), so step results are summed into a
-device tensor and read only on the logging cadence.
+device tensor and read only on the logging cadence. Sums are float32 and reduced as float32: Gaudi has no
+FP64 and HCCL reduces only 32-bit floats exactly (other dtypes go through float32), so only a logging
+window's counts, far below 2**24, are ever reduced; running totals are kept on the host.
 """
 
 from __future__ import annotations
@@ -25,36 +27,25 @@ SUM_FIELDS = ("loss", "mlm_loss", "itm_loss", "mlm_correct", "mlm_count", "itm_c
 class StepAccumulator:
     """Sums a training step's outputs on the device; `reduce()` returns global means and resets.
 
-    `add` stages a micro-step's values; `commit()` keeps the staged values of a step that was applied,
-    `discard()` drops those of a step skipped for non-finite loss/gradients (its NaNs never reach the log)."""
+    `add` stages a micro-step's values; `commit(ok)` keeps the staged values of a step where the device
+    flag `ok` says it was applied and drops those of a skipped one (its NaNs never reach the log)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float32, device=device)
         self.pending = torch.zeros_like(self.sums)
 
     def add(self, out: Any, loss: torch.Tensor | None = None) -> None:
         loss = out.loss if loss is None else loss
-        values = torch.stack(
-            [
-                loss.detach().double(),
-                out.mlm_loss.detach().double(),
-                out.itm_loss.detach().double(),
-                out.mlm_correct.detach().double(),
-                out.mlm_count.detach().double(),
-                out.itm_correct.detach().double(),
-                out.itm_count.detach().double(),
-                torch.ones((), dtype=torch.float64, device=self.device),
-            ]
-        )
-        self.pending += values
+        values = [loss, out.mlm_loss, out.itm_loss, out.mlm_correct, out.mlm_count, out.itm_correct, out.itm_count]
+        self.pending += torch.stack([v.detach().float() for v in values] + [torch.ones((), device=self.device)])
 
-    def commit(self) -> None:
-        self.sums += self.pending
+    def commit(self, ok: torch.Tensor | bool = True) -> None:
+        self.sums += torch.where(torch.as_tensor(ok, device=self.device), self.pending, 0.0)
         self.pending.zero_()
 
     def discard(self) -> None:
-        self.pending.zero_()
+        self.commit(False)
 
     def reduce(self) -> dict[str, float]:
         sums = self.sums.clone()
@@ -97,8 +88,9 @@ def current_rss_bytes(include_children: bool = False) -> int:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum host-side counters (skipped samples, data-wait seconds) across ranks."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Sum small host-side numbers across ranks (a window's data-wait seconds and skipped samples: float32,
+    exact for counts below 2**24)."""
+    t = torch.tensor(values, dtype=torch.float32, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()

@@ -13,7 +13,14 @@ Four groups: decay, no_decay, decay_mult, no_decay_mult (empty ones are dropped)
 
 Schedule: linear warm-up from 0 over `warmup_ratio * max_steps` steps, then linear decay to
 `end_lr_ratio * lr` at `max_steps` (transformers' polynomial schedule with power 1, as the original).
-`make_scheduler` returns a torch LambdaLR, which DeepSpeed steps once per optimizer step.
+DeepSpeed steps the scheduler once per optimizer step.
+
+A non-finite step must change nothing (weights, moments, step counts, the schedule) on every rank, and the
+loop must not read the device to decide it (a host read drains HPU lazy mode's queue every step).
+`GuardedAdamW` and `DeviceSchedule` take the decision as a device tensor (`found_inf`, the attribute
+torch's fused AdamW honours for GradScaler) and cancel the step on the device. Habana's FusedAdamW keeps
+its step count and lr on the host, so with it (gaudi_config `use_fused_adam`) the loop decides on the host
+and the schedule is a plain LambdaLR.
 """
 
 from __future__ import annotations
@@ -102,6 +109,118 @@ def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over every group (each group's own lr, multiplier included, is the 1.0 point)."""
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
+    """The schedule over every group (each group's own lr, multiplier included, is the 1.0 point): on the
+    device for an optimizer that skips on the device, else a torch LambdaLR."""
+    if getattr(optimizer, "supports_device_skip", False):
+        return DeviceSchedule(optimizer, cfg, max_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+
+
+class GuardedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction; torch.optim.AdamW's arithmetic) whose step a device
+    flag cancels: set `found_inf` (a 0-dim tensor, 1 = skip) before `step()` and a skipped step leaves every
+    parameter, moment and step count as it was, NaN gradients included, without a host read. Learning rates
+    may be device tensors (`DeviceSchedule`). State per parameter as torch's AdamW (`step`, `exp_avg`,
+    `exp_avg_sq`), so DeepSpeed's ZeRO wrappers and checkpoint tools see the usual layout."""
+
+    supports_device_skip = True
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.found_inf: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        device = params[0].device
+        keep = torch.ones((), device=device) if self.found_inf is None else 1.0 - self.found_inf.to(device).float()
+        grads, exp_avg, exp_avg_sq, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # a skipped step's NaN / inf gradients never enter the arithmetic (0 * NaN is NaN)
+            grads.append(p.grad if self.found_inf is None else torch.where(keep > 0, p.grad, 0.0))
+            exp_avg.append(state["exp_avg"])
+            exp_avg_sq.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        n = len(params)
+
+        def each(t: torch.Tensor) -> list[torch.Tensor]:  # the List overloads: a 0-dim Tensor scalar may be read
+            return [t] * n  # on the host by the Tensor-scalar overloads (seen on CPU for _foreach_add_)
+
+        lr = keep * group["lr"]  # 0 on a skipped step, and every update below is proportional to it
+        torch._foreach_add_(steps, each(keep))
+        torch._foreach_mul_(params, each(1.0 - lr * group["weight_decay"]))
+        delta = torch._foreach_sub(grads, exp_avg)  # m += (1 - b1) * keep * (g - m)
+        torch._foreach_mul_(delta, each((1.0 - beta1) * keep))
+        torch._foreach_add_(exp_avg, delta)
+        torch._foreach_mul_(exp_avg_sq, each(1.0 - (1.0 - beta2) * keep))  # v = v (1 - w) + w g^2, w = (1 - b2) keep
+        squares = torch._foreach_mul(grads, grads)
+        torch._foreach_mul_(squares, each((1.0 - beta2) * keep))
+        torch._foreach_add_(exp_avg_sq, squares)
+        # From here torch's capturable AdamW arithmetic, with step counts clamped to >= 1 (a skip at step 0)
+        counted = torch._foreach_clamp_min(steps, 1.0)
+        neg_step_size = torch._foreach_pow(beta1, counted)
+        torch._foreach_sub_(neg_step_size, 1.0)
+        torch._foreach_div_(neg_step_size, each(lr))  # (b1^t - 1) / lr: -inf when lr is 0
+        torch._foreach_reciprocal_(neg_step_size)  # -lr / (1 - b1^t), -0 when skipped
+        bias2 = torch._foreach_pow(beta2, counted)
+        torch._foreach_sub_(bias2, 1.0)
+        torch._foreach_neg_(bias2)
+        torch._foreach_sqrt_(bias2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias2)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_div_(denom, neg_step_size)
+        torch._foreach_addcdiv_(params, exp_avg, denom)  # p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+
+
+class DeviceSchedule:
+    """`lr_lambda`'s schedule kept on the device: group lr = base lr x factor(applied steps), where a step
+    with the optimizer's `found_inf` set does not count. DeepSpeed calls `step()` once per optimizer step
+    and saves / loads `state_dict()` (the only host read, at checkpoint time)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+        self.optimizer = optimizer
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.warmup, self.max_steps, self.end = int(cfg.warmup_ratio * max_steps), max_steps, cfg.end_lr_ratio
+        device = next(p.device for group in optimizer.param_groups for p in group["params"])
+        self.applied = torch.zeros((), dtype=torch.float32, device=device)
+        self._set_lrs()
+
+    def factor(self) -> torch.Tensor:
+        a, warmup, end = self.applied, self.warmup, self.end
+        decay = end + (1.0 - end) * (1.0 - (a - warmup) / max(1, self.max_steps - warmup))
+        f = torch.where(a < warmup, a / max(1, warmup), decay)
+        return torch.where(a >= self.max_steps, torch.full_like(a, end), f)
+
+    def _set_lrs(self) -> None:
+        f = self.factor()
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = f * base
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        self.applied += 1.0 if found_inf is None else 1.0 - found_inf.to(self.applied.device).float()
+        self._set_lrs()
+
+    def get_last_lr(self) -> list[torch.Tensor]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied_steps": int(self.applied)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.applied.fill_(float(state["applied_steps"]))
+        self._set_lrs()

@@ -1,0 +1,27 @@
+"""The environment that must exist before torch is imported.
+
+Since Gaudi software 1.18, `import torch` loads the Gaudi bridge by itself (torch's device-backend
+autoload), and the bridge reads PT_HPU_LAZY_MODE once, then. The launchers export these variables from the
+run config (`gaudi-pretrain launch-env`); `train` sets what is missing before its first `import torch`, so
+a direct `python -m gaudi_pretrain train` works too, and refuses a value that contradicts the config.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gaudi_pretrain.config import BackendConfig
+from gaudi_pretrain.errors import ConfigError
+
+
+def apply(cfg: BackendConfig, can_set: bool = True) -> None:
+    """Set the config's launch variables that are unset (when `can_set`: the bridge is not loaded yet);
+    a variable already set to another value is a ConfigError naming both."""
+    for name, wanted in cfg.launch_environment().items():
+        have = os.environ.get(name)
+        if have is None and can_set:
+            os.environ[name] = wanted
+        elif have is not None and have != wanted:
+            raise ConfigError(
+                f"{name}={have} was set before Python started but the config needs {name}={wanted} "
+                "(backend.hpu_lazy_mode): unset it, or change the config (launch/*.sh export it from the config)")

@@ -1,3 +1,0 @@
-from hpu_recorder import record_import
-
-record_import(__name__)
