@@ -6,17 +6,25 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow" --durations=10
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test test-all sabotage setup setup-dev clean
+.PHONY: demo test test-all lint docs sabotage setup setup-dev clean
 
 demo: $(VENV)/.installed
 	$(BIN)/gaudi-pretrain demo --out $(DEMO_OUT)
 
-test: $(VENV)/.installed-dev
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Regenerates the reference block of docs/configuration.md from the config's field descriptions.
+docs: $(VENV)/.installed
+	$(BIN)/python -m gaudi_pretrain.config_docs
 
 test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -20,9 +20,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,12 +42,24 @@ BOS, PAD, EOS, MASK = 0, 1, 2, 4
 # ------------------------------------------------------------------------------------------ config
 
 
-def bench_config(path: str | Path, overrides: list[str] | None = None, *, device: str = "auto",
-                 micro_batch: int | None = None, compile: bool | None = None) -> RunConfig:
+def bench_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    device: str = "auto",
+    micro_batch: int | None = None,
+    compile: bool | None = None,
+) -> RunConfig:
     """`path` + overrides, made runnable offline: random init (no CLIP/RoBERTa/BridgeTower download), one
     micro-step per optimizer step, no global-batch check, `backend.name=device`."""
-    fixed = ["model.from_pretrained=null", "model.init_vision_from=null", "model.init_text_from=null",
-             "train.gradient_accumulation_steps=1", "train.global_batch_size=null", f"backend.name={device}"]
+    fixed = [
+        "model.from_pretrained=null",
+        "model.init_vision_from=null",
+        "model.init_text_from=null",
+        "train.gradient_accumulation_steps=1",
+        "train.global_batch_size=null",
+        f"backend.name={device}",
+    ]
     if micro_batch is not None:
         fixed.append(f"train.micro_batch_size={micro_batch}")
     if compile is not None:
@@ -141,8 +154,9 @@ def is_oom(exc: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------ batches
 
 
-def synthetic_batch(cfg: RunConfig, batch_size: int, rng: np.random.Generator, vocab_limit: int | None = None
-                    ) -> dict[str, Any]:
+def synthetic_batch(
+    cfg: RunConfig, batch_size: int, rng: np.random.Generator, vocab_limit: int | None = None
+) -> dict[str, Any]:
     """One loader-shaped batch on the CPU (the contract of `data.pipeline`): float32 pixels [B, 3, S, S],
     captions `<s> … </s> <pad>…` of 8..L tokens, 15% MLM targets (80/10/10), 50% ITM negatives.
 
@@ -162,8 +176,15 @@ def synthetic_batch(cfg: RunConfig, batch_size: int, rng: np.random.Generator, v
         ids[i, 1 : n - 1] = rng.choice(normal_ids, size=n - 2, p=zipf / zipf.sum())
     attention = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
     valid = np.ones(batch_size, dtype=bool)
-    mlm_ids, mlm_labels = mask_tokens(ids, special_ids=SPECIAL_IDS, mask_id=MASK, random_ids=normal_ids,
-                                      probability=cfg.data.mlm_probability, rng=rng, valid=valid)
+    mlm_ids, mlm_labels = mask_tokens(
+        ids,
+        special_ids=SPECIAL_IDS,
+        mask_id=MASK,
+        random_ids=normal_ids,
+        probability=cfg.data.mlm_probability,
+        rng=rng,
+        valid=valid,
+    )
     captions = [" ".join(map(str, row[:n])) for row, n in zip(ids, lengths)]
     itm_index, itm_labels = itm_negatives(valid, captions, negative_prob=cfg.data.itm_negative_prob, rng=rng)
     pixels = torch.from_numpy(rng.standard_normal((batch_size, 3, size, size), dtype=np.float32))
@@ -173,8 +194,9 @@ def synthetic_batch(cfg: RunConfig, batch_size: int, rng: np.random.Generator, v
     return batch
 
 
-def synthetic_batches(cfg: RunConfig, batch_size: int, seed: int = 0, pool: int = 4,
-                      vocab_limit: int | None = 1000) -> Iterator[dict[str, Any]]:
+def synthetic_batches(
+    cfg: RunConfig, batch_size: int, seed: int = 0, pool: int = 4, vocab_limit: int | None = 1000
+) -> Iterator[dict[str, Any]]:
     """An endless stream cycling over `pool` distinct CPU batches (shallow copies: consumers pop keys)."""
     rng = np.random.default_rng(seed)
     batches = [synthetic_batch(cfg, batch_size, rng, vocab_limit) for _ in range(pool)]
@@ -183,22 +205,12 @@ def synthetic_batches(cfg: RunConfig, batch_size: int, seed: int = 0, pool: int 
             yield dict(b)
 
 
-def fixed_batches(cfg: RunConfig, batch_size: int, count: int, seed: int = 0, vocab_limit: int | None = 1000
-                  ) -> list[dict[str, Any]]:
+def fixed_batches(
+    cfg: RunConfig, batch_size: int, count: int, seed: int = 0, vocab_limit: int | None = 1000
+) -> list[dict[str, Any]]:
     """`count` distinct batches (the loss-curve comparison feeds the same list to both runs)."""
     rng = np.random.default_rng(seed)
     return [synthetic_batch(cfg, batch_size, rng, vocab_limit) for _ in range(count)]
-
-
-def to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if float_dtype is not None and value.is_floating_point():
-                value = value.to(float_dtype)
-            out[key] = value
-    return out
 
 
 # -------------------------------------------------------------------------------------- our step
@@ -225,29 +237,20 @@ def compile_blocks(model: torch.nn.Module) -> int:
 def two_pass_vision_forward(self, batch):
     """BridgeTowerForPretraining.forward WITHOUT the shared vision pass: the vision tower runs on the true
     images and again on the ITM images (2B images, as the recipe's two forwards do). Same losses."""
-    from gaudi_pretrain.model.pretraining import PretrainingOutput, _ce_stats
-
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b = ids.shape[0]
     bt = self.bridgetower
     px = batch["pixel_values"]
     paired = bt.encode_images(torch.cat([px, px.index_select(0, batch["itm_image_index"])]))
     mask2 = torch.cat([mask, mask])
     text = bt.encode_text(torch.cat([batch["mlm_input_ids"], ids]), mask2)
     text_f, image_f = bt.cross_encode(text, mask2, paired)
-    mlm_logits = self.mlm_score(text_f[:b])
-    itm_logits = self.itm_score(bt.pool(text_f[b:], image_f[b:]))
-    mlm_loss, mlm_correct, mlm_count = _ce_stats(mlm_logits, batch["mlm_labels"])
-    itm_loss, itm_correct, itm_count = _ce_stats(itm_logits, batch["itm_labels"])
-    return PretrainingOutput(loss=mlm_loss + itm_loss, mlm_loss=mlm_loss, itm_loss=itm_loss, mlm_logits=mlm_logits,
-                             itm_logits=itm_logits, mlm_correct=mlm_correct, mlm_count=mlm_count,
-                             itm_correct=itm_correct, itm_count=itm_count)
+    return self.heads(text_f, image_f, batch)
 
 
 def fused_qkv_forward(self, x, context, key_mask):
     """QKV.forward with one projection matmul for q/k/v (self-attention) or k/v (cross-attention): the
     weights are concatenated on the fly (a few MB per layer), the math is the same."""
-    from gaudi_pretrain.model.attention import _merge_heads, _split_heads, additive_mask, attend
+    from gaudi_pretrain.model.attention import _merge_heads, _split_heads, additive_mask
 
     q_, k_, v_ = self.query, self.key, self.value
     if context is x:
@@ -261,7 +264,7 @@ def fused_qkv_forward(self, x, context, key_mask):
     q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
     mask = additive_mask(key_mask, q.dtype) if key_mask is not None else None
     p = self.dropout if self.training else 0.0
-    return _merge_heads(attend(q, k, v, mask, p, self.impl))
+    return _merge_heads(self.attend(q, k, v, mask, p))
 
 
 class ModelPatches:
@@ -326,24 +329,14 @@ class OursStep:
         self.step = self.backward = self.optimizer_step = None  # type: ignore[assignment]
 
 
-def make_backend(cfg: RunConfig) -> Any:
-    from gaudi_pretrain.backends import select_backend
-
-    backend = select_backend(cfg.backend, cfg.train.precision, cfg.train.zero_stage)
-    backend.prepare_environment()  # before DeepSpeed is imported
-    return backend
-
-
 def build_model_on_device(cfg: RunConfig, backend: Any, init_state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    from gaudi_pretrain.model import set_attention_fn
-    from gaudi_pretrain.model.hf_io import build_model
+    from gaudi_pretrain.model.factory import build_model
 
-    set_attention_fn(backend.attention_fn())
     backend.set_seed(cfg.train.seed)
     # Initialise on the device when it is an accelerator (a 0.9B-parameter init takes seconds on CPU).
     ctx = torch.device(backend.device) if backend.device.type == "cuda" else _nullcontext()
     with ctx:
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, backend.attention_fn())
     if init_state is not None:
         model.load_state_dict(init_state)
     return model.to(backend.device)
@@ -369,14 +362,23 @@ def _compile(model: torch.nn.Module, backend: Any, mode: str) -> torch.nn.Module
     return model
 
 
-def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compile_mode: str | None = None,
-               seed: int = 0, batches: Iterator[dict[str, Any]] | None = None,
-               init_state: dict[str, torch.Tensor] | None = None, run_dir: str | None = None,
-               patches: ModelPatches | None = None, optimizer_impl: str = "backend") -> OursStep:
+def build_ours(
+    cfg: RunConfig,
+    backend: Any,
+    *,
+    engine: str = "deepspeed",
+    compile_mode: str | None = None,
+    seed: int = 0,
+    batches: Iterator[dict[str, Any]] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    run_dir: str | None = None,
+    patches: ModelPatches | None = None,
+    optimizer_impl: str = "backend",
+) -> OursStep:
     """Our step on synthetic batches. compile_mode None = what the config says (backend.compile → whole).
 
-    engine="deepspeed": the same objects `train.loop.setup` builds (backend optimizer, lr schedule,
-    DeepSpeed engine with the derived config: bf16 params + fp32 master weights in ZeRO's optimizer) and
+    engine="deepspeed": the objects `train.setup` builds (`build_engine`, `make_context`: backend optimizer,
+    lr schedule, DeepSpeed engine with the derived config: bf16 params + fp32 master weights in ZeRO) and
     each step is `train.loop.train_step` itself: H2D copy, autocast forward, engine backward/step, the
     finiteness check (one host sync), the metric accumulation.
     engine="torch": fp32 parameters + autocast + the backend's fused AdamW + clipping, no DeepSpeed (the
@@ -384,7 +386,6 @@ def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compi
     With gradient accumulation > 1 (deepspeed only) one step is that many micro-batches.
     optimizer_impl: "backend" (the backend's: fused AdamW on CUDA), "foreach" or "forloop" (torch AdamW
     without fusion, to measure what the fused kernel buys)."""
-    from gaudi_pretrain.model import flops_per_sample
     from gaudi_pretrain.train.optim import make_scheduler, param_groups
 
     mode = compile_mode or ("whole" if cfg.backend.compile else "none")
@@ -399,38 +400,34 @@ def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compi
     elif optimizer_impl in ("foreach", "forloop"):
         from gaudi_pretrain.backends.base import optimizer_kwargs
 
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), foreach=optimizer_impl == "foreach",
-                                      fused=False, **optimizer_kwargs(cfg.optim))
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim),
+            foreach=optimizer_impl == "foreach",
+            fused=False,
+            **optimizer_kwargs(cfg.optim),
+        )
     else:
         raise ValueError(f"unknown optimizer_impl {optimizer_impl!r} (backend, foreach or forloop)")
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
     if engine == "deepspeed":
-        import deepspeed
-
-        from gaudi_pretrain.config import deepspeed_config
         from gaudi_pretrain.distributed import discover, init_distributed
-        from gaudi_pretrain.train.loop import RunContext, train_step
+        from gaudi_pretrain.train.loop import train_step
         from gaudi_pretrain.train.metrics import StepAccumulator, Throughput
-        from deepspeed.runtime.zero.utils import is_zero_supported_optimizer
-
-        from gaudi_pretrain.train.nonfinite import NonfiniteCounter, decides_on_device, gradient_check_for
+        from gaudi_pretrain.train.setup import build_engine, make_context
 
         info = discover()
         init_distributed(info, backend.dist_backend)
-        ds_config = deepspeed_config(cfg, info.world_size, clip_in_engine=not backend.clips_gradients,
-                                     optimizer_known_to_deepspeed=is_zero_supported_optimizer(optimizer))
-        ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                  config=ds_config, dist_init_required=False)
-        tmp = run_dir or tempfile.mkdtemp(prefix="bench_run_")
-        ctx = RunContext(cfg=cfg, backend=backend, dist=info, engine=ds_engine, loader=None, run_dir=Path(tmp),
-                         tokenizer=None, flops_per_sample=flops_per_sample(cfg.model, cfg.data.max_text_len),
-                         optimizer=optimizer, grad_check=gradient_check_for(ds_engine.module, backend),
-                         skip_on_device=decides_on_device(ds_engine, optimizer),
-                         nonfinite=NonfiniteCounter(backend.device))
-        float_dtype = next(ds_engine.module.parameters()).dtype
-        ctx.state = {"step": 0, "samples_seen": 0, "skipped_samples": 0, "nonfinite_steps": 0,
-                     "consecutive_nonfinite": 0, "float_dtype": float_dtype}
+        ds_engine, optimizer = build_engine(cfg, backend, info, model, optimizer)
+        ctx = make_context(
+            cfg,
+            backend,
+            info,
+            ds_engine,
+            optimizer,
+            loader=None,
+            run_dir=Path(run_dir or tempfile.mkdtemp(prefix="bench_run_")),
+            tokenizer=None,
+        )
         acc, timer = StepAccumulator(backend.device), Throughput()
         ds_engine.train()
 
@@ -440,14 +437,26 @@ def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compi
         def last_losses() -> dict[str, float]:
             return acc.reduce()  # means since the last call (one host sync)
 
-        return OursStep(cfg, backend, engine, eager, step, ds_engine.backward, ds_engine.step, float_dtype,
-                        batches, last_losses, keep=[ds_engine, optimizer, scheduler])
+        return OursStep(
+            cfg,
+            backend,
+            engine,
+            eager,
+            step,
+            ds_engine.backward,
+            ds_engine.step,
+            ctx.float_dtype,
+            batches,
+            last_losses,
+            keep=[ds_engine, optimizer],
+        )
 
     if engine != "torch":
         raise ValueError(f"unknown engine {engine!r} (deepspeed or torch)")
     if cfg.train.gradient_accumulation_steps != 1:
         raise ValueError("engine=torch runs one micro-batch per step: use gradient accumulation with deepspeed")
-    device, clip = backend.device, cfg.train.grad_clip
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    clip = cfg.train.grad_clip
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, torch.Tensor] = {}
@@ -465,7 +474,7 @@ def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compi
         backend.after_optimizer_step()
 
     def step() -> Any:
-        batch = to_device(next(batches), device)
+        batch = backend.to_device(next(batches))
         with backend.autocast():
             out = model(batch)
         backward(out.loss)
@@ -476,8 +485,19 @@ def build_ours(cfg: RunConfig, backend: Any, *, engine: str = "deepspeed", compi
     def last_losses() -> dict[str, float]:
         return {k: float(v) for k, v in last.items()}
 
-    return OursStep(cfg, backend, engine, eager, step, backward, optimizer_step, torch.float32, batches,
-                    last_losses, keep=[optimizer, scheduler, model])
+    return OursStep(
+        cfg,
+        backend,
+        engine,
+        eager,
+        step,
+        backward,
+        optimizer_step,
+        torch.float32,
+        batches,
+        last_losses,
+        keep=[optimizer, scheduler, model],
+    )
 
 
 # ---------------------------------------------------------------------------------- the reference
@@ -502,7 +522,7 @@ def build_hf(cfg: RunConfig, backend: Any, seed: int = 0, batches: Iterator[dict
     from transformers import BridgeTowerForImageAndTextRetrieval, BridgeTowerForMaskedLM
 
     from gaudi_pretrain.backends.base import optimizer_kwargs
-    from gaudi_pretrain.model.hf_io import to_hf_config
+    from gaudi_pretrain.model.hf_convert import to_hf_config
 
     device = backend.device
     backend.set_seed(cfg.train.seed)
@@ -521,12 +541,20 @@ def build_hf(cfg: RunConfig, backend: Any, seed: int = 0, batches: Iterator[dict
     batches = batches if batches is not None else synthetic_batches(cfg, cfg.train.micro_batch_size, seed)
 
     def step() -> Any:
-        b = to_device(next(batches), device)
+        b = backend.to_device(next(batches))
         with backend.autocast():
-            mlm_loss = mlm(input_ids=b["mlm_input_ids"], attention_mask=b["attention_mask"],
-                           pixel_values=b["pixel_values"], labels=b["mlm_labels"]).loss
-            itm_loss = itm(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                           pixel_values=b["pixel_values"][b["itm_image_index"]], labels=b["itm_labels"]).loss
+            mlm_loss = mlm(
+                input_ids=b["mlm_input_ids"],
+                attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"],
+                labels=b["mlm_labels"],
+            ).loss
+            itm_loss = itm(
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                pixel_values=b["pixel_values"][b["itm_image_index"]],
+                labels=b["itm_labels"],
+            ).loss
             loss = mlm_loss + itm_loss
         loss.backward()
         optimizer.step()
@@ -553,12 +581,16 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
         step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return {"warmup_s": round(warmup_s, 2), "step_s": [round(t, 5) for t in times],
-            "median_step_s": statistics.median(times)}
+    return {
+        "warmup_s": round(warmup_s, 2),
+        "step_s": [round(t, 5) for t in times],
+        "median_step_s": statistics.median(times),
+    }
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype | None = None, n: int | None = None,
-                       reps: int = 10) -> dict[str, Any]:
+def matmul_peak_tflops(
+    device: torch.device, dtype: torch.dtype | None = None, n: int | None = None, reps: int = 10
+) -> dict[str, Any]:
     """Dense matmul rate of this device in this run: median over `reps` groups of 5 products of random n×n
     matrices (bf16 n=8192 on CUDA; fp32 n=1024 on CPU, where it is only a scale for the smoke numbers)."""
     cuda = device.type == "cuda"
@@ -579,8 +611,12 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype | None = None, n
         synchronize(device)
         rates.append(2 * n**3 * group / (time.perf_counter() - t0) / 1e12)
     del a, b
-    return {"tflops": statistics.median(rates), "dtype": str(dtype).removeprefix("torch."), "n": n,
-            "all_tflops": [round(r, 1) for r in rates]}
+    return {
+        "tflops": statistics.median(rates),
+        "dtype": str(dtype).removeprefix("torch."),
+        "n": n,
+        "all_tflops": [round(r, 1) for r in rates],
+    }
 
 
 class Clock:
@@ -665,12 +701,12 @@ def _phase_breakdown(ours: OursStep, repeats: int, rows: int) -> dict[str, Any]:
         clock = Clock(device)
         handles = []
 
-        def hook_outputs(outputs: Any, label: str) -> None:
+        def hook_outputs(outputs: Any, label: str, clock: Clock = clock) -> None:
             for t in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(lambda grad, label=label: clock.mark(label))
 
-        def wrap(name: str, fwd_label: str, bwd_label: str):
+        def wrap(name: str, fwd_label: str, bwd_label: str, clock: Clock = clock):
             original = getattr(type(bt), name).__get__(bt)
 
             def timed(*args, **kwargs):
@@ -684,12 +720,12 @@ def _phase_breakdown(ours: OursStep, repeats: int, rows: int) -> dict[str, Any]:
         bt.encode_images = wrap("encode_images", "fwd:vision", "bwd:cross")
         bt.encode_text = wrap("encode_text", "fwd:text", "bwd:cross")
         bt.cross_encode = wrap("cross_encode", "fwd:cross", "bwd:heads")
-        handles.append(bt.text_model.embeddings.register_forward_hook(
-            lambda m, i, o: hook_outputs(o, "bwd:text")))
-        handles.append(bt.vision_model.visual.ln_pre.register_forward_hook(
-            lambda m, i, o: hook_outputs(o, "bwd:vision")))
+        handles.append(bt.text_model.embeddings.register_forward_hook(lambda m, i, o: hook_outputs(o, "bwd:text")))
+        handles.append(
+            bt.vision_model.visual.ln_pre.register_forward_hook(lambda m, i, o: hook_outputs(o, "bwd:vision"))
+        )
         try:
-            batch = _head_rows(to_device(next(ours.batches), device, ours.float_dtype), rows)
+            batch = _head_rows(ours.backend.to_device(next(ours.batches), ours.float_dtype), rows)
             clock.mark("start")
             with ours.backend.autocast():
                 out = model(batch)
@@ -720,7 +756,7 @@ def _phase_breakdown(ours: OursStep, repeats: int, rows: int) -> dict[str, Any]:
         "total_ms": round(total, 3),
         "repeats": repeats,
         "note": "instrumented eager pass (compiled regions, if any, run eager here); shares, not the sum, "
-                "describe the timed step",
+        "describe the timed step",
     }
 
 

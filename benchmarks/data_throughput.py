@@ -41,9 +41,10 @@ def photo_like(rng: np.random.Generator, w: int = 640, h: int = 480) -> bytes:
     from PIL import Image, ImageFilter
 
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([
-        rng.uniform(40, 200) + rng.uniform(-60, 60) * xx / w + rng.uniform(-60, 60) * yy / h for _ in range(3)
-    ], axis=-1)
+    base = np.stack(
+        [rng.uniform(40, 200) + rng.uniform(-60, 60) * xx / w + rng.uniform(-60, 60) * yy / h for _ in range(3)],
+        axis=-1,
+    )
     blobs = Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
     blobs = np.asarray(blobs.filter(ImageFilter.GaussianBlur(3)), dtype=np.float32)
     img = 0.6 * base + 0.4 * blobs + rng.normal(0, 6, (h, w, 3))
@@ -107,17 +108,29 @@ def main() -> int:
             lines.append(json.dumps({"image": f"orig/{i:06d}.jpg", "caption": captions[i % len(captions)] + TAIL}))
         (root / "data.jsonl").write_text("\n".join(lines))
         t0 = time.perf_counter()
-        manifest = build_shards(records_from_jsonl(root / "data.jsonl"), root / "shards", image_size=SIZE,
-                                samples_per_shard=100, workers=1, progress=False)
+        manifest = build_shards(
+            records_from_jsonl(root / "data.jsonl"),
+            root / "shards",
+            image_size=SIZE,
+            samples_per_shard=100,
+            workers=1,
+            progress=False,
+        )
         build_rate = manifest["total"] / (time.perf_counter() - t0)
         tok = train_demo_tokenizer(captions, root / "tok", vocab_size=512)
 
-        cfg = validate_config({
-            "model": {"vision": {"image_size": SIZE}},
-            "data": {"train_shards": [str(root / "shards")], "max_text_len": TEXT_LEN, "num_workers": 0,
-                     "shuffle_buffer": 1000},
-            "train": {"micro_batch_size": BATCH},
-        })
+        cfg = validate_config(
+            {
+                "model": {"vision": {"image_size": SIZE}},
+                "data": {
+                    "train_shards": [str(root / "shards")],
+                    "max_text_len": TEXT_LEN,
+                    "num_workers": 0,
+                    "shuffle_buffer": 1000,
+                },
+                "train": {"micro_batch_size": BATCH},
+            }
+        )
         loader = build_loader(cfg, tok)
         it = iter(loader)
         next(it)  # warm-up batch

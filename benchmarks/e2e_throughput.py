@@ -30,9 +30,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import bench_common as bc
 import numpy as np
 
-import bench_common as bc
+from gaudi_pretrain.train.setup import make_backend
 
 REPO = bc.REPO
 TAIL = ", photographed on a sunny afternoon near the old harbour while people walk past the cafes"
@@ -52,8 +53,9 @@ def _write_images(args: tuple[int, int, int, int, str]) -> list[str]:
     return names
 
 
-def build_dataset(root: Path, images: int, source_size: tuple[int, int], image_size: int, workers: int,
-                  samples_per_shard: int) -> dict[str, Any]:
+def build_dataset(
+    root: Path, images: int, source_size: tuple[int, int], image_size: int, workers: int, samples_per_shard: int
+) -> dict[str, Any]:
     """Originals + captions → shards + tokenizer under `root`; reused when the manifest is already there."""
     from gaudi_pretrain.data.shards import build_shards, records_from_jsonl
     from gaudi_pretrain.data.synthetic import all_captions
@@ -78,17 +80,32 @@ def build_dataset(root: Path, images: int, source_size: tuple[int, int], image_s
         names = [n for job in jobs for n in _write_images(job)]
     gen_s = time.perf_counter() - t0
     captions = all_captions()
-    lines = [json.dumps({"image": f"orig/{n}", "caption": f"{captions[i % len(captions)]}{TAIL} ({i})"})
-             for i, n in enumerate(names)]
+    lines = [
+        json.dumps({"image": f"orig/{n}", "caption": f"{captions[i % len(captions)]}{TAIL} ({i})"})
+        for i, n in enumerate(names)
+    ]
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     t1 = time.perf_counter()
-    manifest = build_shards(records_from_jsonl(root / "data.jsonl"), shards, image_size=image_size,
-                            samples_per_shard=samples_per_shard, workers=workers, progress=False)
+    manifest = build_shards(
+        records_from_jsonl(root / "data.jsonl"),
+        shards,
+        image_size=image_size,
+        samples_per_shard=samples_per_shard,
+        workers=workers,
+        progress=False,
+    )
     build_s = time.perf_counter() - t1
     train_demo_tokenizer([json.loads(x)["caption"] for x in lines], tok, vocab_size=512)
-    info = {"wanted": wanted, "shards": str(shards), "tokenizer": str(tok), "samples": manifest["total"],
-            "num_shards": len(manifest["shards"]), "generate_s": round(gen_s, 1), "build_s": round(build_s, 1),
-            "shard_bytes_per_sample": int(sum(s["bytes"] for s in manifest["shards"]) / max(1, manifest["total"]))}
+    info = {
+        "wanted": wanted,
+        "shards": str(shards),
+        "tokenizer": str(tok),
+        "samples": manifest["total"],
+        "num_shards": len(manifest["shards"]),
+        "generate_s": round(gen_s, 1),
+        "build_s": round(build_s, 1),
+        "shard_bytes_per_sample": int(sum(s["bytes"] for s in manifest["shards"]) / max(1, manifest["total"])),
+    }
     info_path.write_text(json.dumps(info, indent=1))
     return info
 
@@ -97,26 +114,51 @@ def synthetic_rate(args, micro_batch: int, compile_on: bool, out: Path) -> tuple
     """ours_samples_per_s from --synthetic-json, else from a step_throughput.py run (--skip-hf)."""
     if args.synthetic_json:
         res = json.loads(Path(args.synthetic_json).read_text())
-        return float(res["ours_samples_per_s"]), {"source": args.synthetic_json, "micro_batch": res["ours"]["micro_batch"],
-                                                  "compile": res["ours"].get("compile")}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "step_throughput.py"), "--config", args.config, "--skip-hf",
-           "--no-breakdown", "--no-oom-retry", "--micro-batch", str(micro_batch), "--device", args.device,
-           "--steps", str(args.synthetic_steps), "--warmup", "2", "--compile" if compile_on else "--no-compile",
-           "--out", str(out / "synthetic"), *args.overrides]
+        return float(res["ours_samples_per_s"]), {
+            "source": args.synthetic_json,
+            "micro_batch": res["ours"]["micro_batch"],
+            "compile": res["ours"].get("compile"),
+        }
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "step_throughput.py"),
+        "--config",
+        args.config,
+        "--skip-hf",
+        "--no-breakdown",
+        "--no-oom-retry",
+        "--micro-batch",
+        str(micro_batch),
+        "--device",
+        args.device,
+        "--steps",
+        str(args.synthetic_steps),
+        "--warmup",
+        "2",
+        "--compile" if compile_on else "--no-compile",
+        "--out",
+        str(out / "synthetic"),
+        *args.overrides,
+    ]
     print("synthetic:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     (path,) = (out / "synthetic").glob("*.json")
     res = json.loads(path.read_text())
-    return float(res["ours_samples_per_s"]), {"source": "step_throughput.py --skip-hf (this run)",
-                                              "micro_batch": micro_batch, "compile": res["ours"].get("compile")}
+    return float(res["ours_samples_per_s"]), {
+        "source": "step_throughput.py --skip-hf (this run)",
+        "micro_batch": micro_batch,
+        "compile": res["ours"].get("compile"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--config", default=str(REPO / "configs" / "bridgetower_large.yaml"))
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="default: the synthetic JSON's micro batch, else the config's")
+    p.add_argument(
+        "--micro-batch", type=int, default=None, help="default: the synthetic JSON's micro batch, else the config's"
+    )
     p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     p.add_argument("--log-every", type=int, default=10, help="logging.every_steps (default 10)")
     p.add_argument("--skip-steps", type=int, default=20, help="steps excluded as warm-up/compile (default 20)")
@@ -125,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-size", default="640x480", help="original image size WxH (default 640x480)")
     p.add_argument("--build-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", choices=("auto", "cuda", "cpu", "hpu"), default="auto")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="backend.compile for the training run (default: on for CUDA)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="backend.compile for the training run (default: on for CUDA)",
+    )
     p.add_argument("--synthetic-json", default=None, help="step_throughput.py result to compare with")
     p.add_argument("--synthetic-steps", type=int, default=10)
     p.add_argument("--work-dir", default=None, help="where shards and the run go (default: a temp dir)")
@@ -140,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="e2e_"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = bc.bench_config(args.config, args.overrides, device=args.device)
-    backend = bc.make_backend(cfg)
+    backend = make_backend(cfg)
     device = backend.device
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     mb = args.micro_batch
@@ -154,22 +200,45 @@ def main(argv: list[str] | None = None) -> int:
     w, h = (int(x) for x in args.source_size.lower().split("x"))
 
     print(f"building {args.images} images {w}x{h} → shards at {cfg.model.vision.image_size} px in {work}", flush=True)
-    data = build_dataset(work / "data", args.images, (w, h), cfg.model.vision.image_size, args.build_workers,
-                         samples_per_shard=max(50, args.images // 16))
-    print(f"  {data['samples']} samples in {data['num_shards']} shards (generate {data['generate_s']} s, "
-          f"build {data['build_s']} s)", flush=True)
+    data = build_dataset(
+        work / "data",
+        args.images,
+        (w, h),
+        cfg.model.vision.image_size,
+        args.build_workers,
+        samples_per_shard=max(50, args.images // 16),
+    )
+    print(
+        f"  {data['samples']} samples in {data['num_shards']} shards (generate {data['generate_s']} s, "
+        f"build {data['build_s']} s)",
+        flush=True,
+    )
 
     run_dir = work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     overrides = [
-        "model.from_pretrained=null", "model.init_vision_from=null", "model.init_text_from=null",
-        f"data.train_shards=[{data['shards']}]", "data.eval_shards=[]", f"data.tokenizer={data['tokenizer']}",
-        "data.resampled=true", f"data.num_workers={workers}",
-        f"train.micro_batch_size={mb}", "train.gradient_accumulation_steps=1", "train.global_batch_size=null",
-        f"train.max_steps={args.steps}", f"train.output_dir={run_dir}",
-        f"logging.every_steps={args.log_every}", "logging.tensorboard=false", "logging.progress_bar=false",
-        "checkpoint.every_steps=100000000", "checkpoint.export_hf=false", "checkpoint.resume=null",
-        f"backend.name={device.type}", f"backend.compile={str(compile_on).lower()}", *args.overrides,
+        "model.from_pretrained=null",
+        "model.init_vision_from=null",
+        "model.init_text_from=null",
+        f"data.train_shards=[{data['shards']}]",
+        "data.eval_shards=[]",
+        f"data.tokenizer={data['tokenizer']}",
+        "data.resampled=true",
+        f"data.num_workers={workers}",
+        f"train.micro_batch_size={mb}",
+        "train.gradient_accumulation_steps=1",
+        "train.global_batch_size=null",
+        f"train.max_steps={args.steps}",
+        f"train.output_dir={run_dir}",
+        f"logging.every_steps={args.log_every}",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+        "checkpoint.every_steps=100000000",
+        "checkpoint.export_hf=false",
+        "checkpoint.resume=null",
+        f"backend.name={device.type}",
+        f"backend.compile={str(compile_on).lower()}",
+        *args.overrides,
     ]
     cmd = [sys.executable, "-m", "gaudi_pretrain", "train", "--config", args.config, *overrides]
     print("train:", " ".join(cmd), flush=True)
@@ -206,9 +275,16 @@ def main(argv: list[str] | None = None) -> int:
         "target": args.target,
         "passed": ratio >= args.target,
         "data_wait_frac": [r.get("data_wait_frac") for r in kept],
-        "windows": [{"step": r["step"], "samples_per_s": r["samples_per_s"], "data_wait_frac": r.get("data_wait_frac"),
-                     "memory_gib": r.get("memory_gib"), "rss_with_workers_gib": r.get("rss_with_workers_gib")}
-                    for r in records],
+        "windows": [
+            {
+                "step": r["step"],
+                "samples_per_s": r["samples_per_s"],
+                "data_wait_frac": r.get("data_wait_frac"),
+                "memory_gib": r.get("memory_gib"),
+                "rss_with_workers_gib": r.get("rss_with_workers_gib"),
+            }
+            for r in records
+        ],
         "train_wall_s": round(train_wall, 1),
         "versions": bc.versions(),
         "command": "python benchmarks/e2e_throughput.py " + " ".join(sys.argv[1:]),
@@ -239,8 +315,10 @@ def markdown(res: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|",
     ]
     for w in res["windows"]:
-        lines.append(f"| {w['step']} | {w['samples_per_s']:.4g} | {100 * (w['data_wait_frac'] or 0):.1f}% | "
-                     f"{w['memory_gib'] or 0:.2f} | {w['rss_with_workers_gib'] or 0:.2f} |")
+        lines.append(
+            f"| {w['step']} | {w['samples_per_s']:.4g} | {100 * (w['data_wait_frac'] or 0):.1f}% | "
+            f"{w['memory_gib'] or 0:.2f} | {w['rss_with_workers_gib'] or 0:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

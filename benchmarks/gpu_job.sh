@@ -123,7 +123,7 @@ fi
 
 # --------------------------------------------------------------------------------------------- stages
 if has parity; then
-  run_stage parity 150 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_model_bridgetower.py tests/test_model_hf_io.py
+  run_stage parity 150 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_model_bridgetower.py tests/test_model_hf_convert.py
 fi
 
 if [ "$SMOKE" = 1 ]; then

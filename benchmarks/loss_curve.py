@@ -21,18 +21,25 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import bench_common as bc
 import torch
 
-import bench_common as bc
+from gaudi_pretrain.train.setup import make_backend
 
 REPO = bc.REPO
 
 
 def run(cfg, batches: list[dict[str, Any]], init_state, compile_mode: str, label: str) -> dict[str, Any]:
-    backend = bc.make_backend(cfg)
+    backend = make_backend(cfg)
     t0 = time.perf_counter()
-    ours = bc.build_ours(cfg, backend, engine="deepspeed", compile_mode=compile_mode,
-                         batches=(dict(b) for b in batches), init_state=init_state)
+    ours = bc.build_ours(
+        cfg,
+        backend,
+        engine="deepspeed",
+        compile_mode=compile_mode,
+        batches=(dict(b) for b in batches),
+        init_state=init_state,
+    )
     losses = []
     try:
         for i in range(len(batches)):
@@ -40,40 +47,61 @@ def run(cfg, batches: list[dict[str, Any]], init_state, compile_mode: str, label
             record = ours.last_losses()
             record["applied"] = record["loss"] is not None  # a skipped (non-finite) step leaves no losses
             losses.append(record)
-            print(f"  {label} step {i + 1}: loss {record['loss']:.5f} (mlm {record['mlm_loss']:.5f}, "
-                  f"itm {record['itm_loss']:.5f})", flush=True)
+            print(
+                f"  {label} step {i + 1}: loss {record['loss']:.5f} (mlm {record['mlm_loss']:.5f}, "
+                f"itm {record['itm_loss']:.5f})",
+                flush=True,
+            )
     finally:
         ours.close()
         del ours
         bc.free_memory(backend.device)
-    return {"precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage, "attention": cfg.model.attention,
-            "compile": compile_mode, "seconds": round(time.perf_counter() - t0, 1), "losses": losses}
+    return {
+        "precision": cfg.train.precision,
+        "zero_stage": cfg.train.zero_stage,
+        "attention": cfg.model.attention,
+        "compile": compile_mode,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "losses": losses,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--config", default=str(REPO / "configs" / "bridgetower_large.yaml"))
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=2e-4, help="base lr, constant (no warm-up), x lr_multiplier as usual")
     p.add_argument("--device", choices=("auto", "cuda", "cpu", "hpu"), default="auto")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the optimized run (default: on for CUDA)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the optimized run (default: on for CUDA)",
+    )
     p.add_argument("--tolerance", type=float, default=0.02, help="max relative difference of the total loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
 
-    common = ["model.dropout=0.0", "optim.warmup_ratio=0.0", "train.max_steps=1000000", f"optim.lr={args.lr}",
-              *args.overrides]
+    common = [
+        "model.dropout=0.0",
+        "optim.warmup_ratio=0.0",
+        "train.max_steps=1000000",
+        f"optim.lr={args.lr}",
+        *args.overrides,
+    ]
     optimized = bc.bench_config(args.config, common, device=args.device, micro_batch=args.micro_batch)
-    backend = bc.make_backend(optimized)
+    backend = make_backend(optimized)
     device = backend.device
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
-    reference = bc.config_with(optimized, **{"train.precision": "fp32", "train.zero_stage": 0,
-                                             "model.attention": "eager", "backend.compile": False})
+    reference = bc.config_with(
+        optimized,
+        **{"train.precision": "fp32", "train.zero_stage": 0, "model.attention": "eager", "backend.compile": False},
+    )
     optimized = bc.config_with(optimized, **{"model.attention": "sdpa", "backend.compile": compile_on})
 
     init = bc.build_model_on_device(optimized, backend, None)
@@ -82,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     bc.free_memory(device)
     batches = bc.fixed_batches(optimized, args.micro_batch, args.steps, seed=args.seed)
 
-    print(f"optimized: {optimized.train.precision}, ZeRO {optimized.train.zero_stage}, sdpa, "
-          f"compile={'whole' if compile_on else 'none'}", flush=True)
+    print(
+        f"optimized: {optimized.train.precision}, ZeRO {optimized.train.zero_stage}, sdpa, "
+        f"compile={'whole' if compile_on else 'none'}",
+        flush=True,
+    )
     opt = run(optimized, batches, init_state, "whole" if compile_on else "none", "optimized")
     print("reference: fp32 (TF32 off), ZeRO 0, eager attention, no compile", flush=True)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -135,8 +166,10 @@ def markdown(res: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, (a, b, d) in enumerate(zip(r["losses"], o["losses"], res["rel_diff_total_loss"]), 1):
-        lines.append(f"| {i} | {a['loss']:.5f} | {b['loss']:.5f} | {100 * d:.3f}% | {a['mlm_loss']:.4f} | "
-                     f"{b['mlm_loss']:.4f} | {a['itm_loss']:.4f} | {b['itm_loss']:.4f} |")
+        lines.append(
+            f"| {i} | {a['loss']:.5f} | {b['loss']:.5f} | {100 * d:.3f}% | {a['mlm_loss']:.4f} | "
+            f"{b['mlm_loss']:.4f} | {a['itm_loss']:.4f} | {b['itm_loss']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

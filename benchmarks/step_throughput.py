@@ -35,11 +35,14 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import bench_common as bc
+
+from gaudi_pretrain.train.setup import make_backend
 
 REPO = bc.REPO
 DEFAULT_CONFIG = REPO / "configs" / "bridgetower_large.yaml"
@@ -67,8 +70,10 @@ def parse_variant(spec: str) -> dict[str, Any]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in (*VARIANT_KEYS, *PATCH_KEYS, "engine", "compile", "optim"):
-            raise SystemExit(f"bad --variant item {item!r}: use key=value with key in "
-                             f"{sorted((*VARIANT_KEYS, *PATCH_KEYS, 'engine', 'compile', 'optim'))}")
+            raise SystemExit(
+                f"bad --variant item {item!r}: use key=value with key in "
+                f"{sorted((*VARIANT_KEYS, *PATCH_KEYS, 'engine', 'compile', 'optim'))}"
+            )
         if key == "compile":
             value = {"0": "none", "1": "whole", "false": "none", "true": "whole"}.get(value.lower(), value)
             if value not in COMPILE_MODES:
@@ -96,8 +101,11 @@ def _guarded(fn: Callable[[], dict[str, Any]], device) -> dict[str, Any]:
 def _rates(median_step_s: float, micro_batch: int, flops: float, peak_tflops: float) -> dict[str, Any]:
     sps = micro_batch / median_step_s
     tflops = sps * flops / 1e12
-    return {"samples_per_s": _sig(sps), "tflops": _sig(tflops),
-            "pct_of_matmul_peak": _sig(100 * tflops / peak_tflops) if peak_tflops else None}
+    return {
+        "samples_per_s": _sig(sps),
+        "tflops": _sig(tflops),
+        "pct_of_matmul_peak": _sig(100 * tflops / peak_tflops) if peak_tflops else None,
+    }
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -105,31 +113,56 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def measure_ours(cfg, engine: str, compile_mode: str, args, peak_tflops: float, breakdown: bool,
-                 patches: dict[str, str] | None = None, optimizer_impl: str = "backend") -> dict[str, Any]:
-    from gaudi_pretrain.model import flops_per_sample
+def measure_ours(
+    cfg,
+    engine: str,
+    compile_mode: str,
+    args,
+    peak_tflops: float,
+    breakdown: bool,
+    patches: dict[str, str] | None = None,
+    optimizer_impl: str = "backend",
+) -> dict[str, Any]:
+    from gaudi_pretrain.model.flops import flops_per_sample
 
-    backend = bc.make_backend(cfg)
+    backend = make_backend(cfg)
     device = backend.device
     mb, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
     record: dict[str, Any] = {
-        "micro_batch": mb, "engine": engine, "compile": compile_mode, "attention": cfg.model.attention,
-        "activation_checkpointing": cfg.model.activation_checkpointing, "precision": cfg.train.precision,
-        "zero_stage": cfg.train.zero_stage if engine == "deepspeed" else None, "grad_accum": ga,
-        "optimizer": optimizer_impl, **(patches or {}),
+        "micro_batch": mb,
+        "engine": engine,
+        "compile": compile_mode,
+        "attention": cfg.model.attention,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        "precision": cfg.train.precision,
+        "zero_stage": cfg.train.zero_stage if engine == "deepspeed" else None,
+        "grad_accum": ga,
+        "optimizer": optimizer_impl,
+        **(patches or {}),
     }
     bc.reset_peak_memory(device)
     t0 = time.perf_counter()
     with bc.ModelPatches(**(patches or {})) as model_patches:
-        ours = bc.build_ours(cfg, backend, engine=engine, compile_mode=compile_mode, seed=args.seed,
-                             patches=model_patches, optimizer_impl=optimizer_impl)
+        ours = bc.build_ours(
+            cfg,
+            backend,
+            engine=engine,
+            compile_mode=compile_mode,
+            seed=args.seed,
+            patches=model_patches,
+            optimizer_impl=optimizer_impl,
+        )
         record["build_s"] = round(time.perf_counter() - t0, 2)
         try:
             timing = bc.time_steps(ours.step, device, args.warmup, args.steps)
-            record.update(status="ok", **timing,
-                          **_rates(timing["median_step_s"], mb * ga,
-                                   flops_per_sample(cfg.model, cfg.data.max_text_len), peak_tflops),
-                          peak_memory_gib=round(bc.peak_memory_gib(device), 2))
+            record.update(
+                status="ok",
+                **timing,
+                **_rates(
+                    timing["median_step_s"], mb * ga, flops_per_sample(cfg.model, cfg.data.max_text_len), peak_tflops
+                ),
+                peak_memory_gib=round(bc.peak_memory_gib(device), 2),
+            )
             if breakdown:
                 record["breakdown"] = bc.phase_breakdown(ours)
         finally:
@@ -139,7 +172,7 @@ def measure_ours(cfg, engine: str, compile_mode: str, args, peak_tflops: float, 
 
 
 def measure_hf(cfg, args, peak_tflops: float) -> dict[str, Any]:
-    backend = bc.make_backend(cfg)
+    backend = make_backend(cfg)
     device = backend.device
     mb = cfg.train.micro_batch_size
     record: dict[str, Any] = {"micro_batch": mb, "precision": cfg.train.precision, "attention": "eager (transformers)"}
@@ -150,9 +183,12 @@ def measure_hf(cfg, args, peak_tflops: float) -> dict[str, Any]:
     record["params"] = hf.params
     try:
         timing = bc.time_steps(hf.step, device, args.warmup, args.steps)
-        record.update(status="ok", **timing,
-                      **_rates(timing["median_step_s"], mb, bc.hf_flops_per_sample(cfg), peak_tflops),
-                      peak_memory_gib=round(bc.peak_memory_gib(device), 2))
+        record.update(
+            status="ok",
+            **timing,
+            **_rates(timing["median_step_s"], mb, bc.hf_flops_per_sample(cfg), peak_tflops),
+            peak_memory_gib=round(bc.peak_memory_gib(device), 2),
+        )
     finally:
         hf.close()
         del hf
@@ -164,7 +200,7 @@ def with_oom_retry(measure: Callable[[int], dict[str, Any]], micro_batch: int, d
     failed: list[int] = []
     mb = micro_batch
     while True:
-        result = _guarded(lambda: measure(mb), device)
+        result = _guarded(lambda mb=mb: measure(mb), device)
         if result.get("status") != "oom" or not retry or mb <= 8:
             break
         failed.append(mb)
@@ -176,27 +212,49 @@ def with_oom_retry(measure: Callable[[int], dict[str, Any]], micro_batch: int, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (model section and shapes)")
     p.add_argument("--micro-batch", type=int, default=None, help="our micro batch (default: the config's)")
     p.add_argument("--hf-micro-batch", type=int, default=None, help="transformers' micro batch (default: ours)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile our model (default: on for CUDA, off elsewhere)")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES[1:], default="whole",
-                   help="with --compile: whole model (as backend.compile), per block, or CUDA graphs")
-    p.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
-                   help="our step through the DeepSpeed engine as in training (default) or plain torch")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile our model (default: on for CUDA, off elsewhere)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES[1:],
+        default="whole",
+        help="with --compile: whole model (as backend.compile), per block, or CUDA graphs",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("deepspeed", "torch"),
+        default="deepspeed",
+        help="our step through the DeepSpeed engine as in training (default) or plain torch",
+    )
     p.add_argument("--device", choices=("auto", "cuda", "cpu", "hpu"), default="auto")
     p.add_argument("--skip-hf", action="store_true", help="do not run the transformers reference")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-phase instrumented pass")
     p.add_argument("--no-oom-retry", action="store_true", help="do not retry a smaller micro batch on OOM")
-    p.add_argument("--variant", action="append", default=[], metavar="K=V[,K=V]",
-                   help="an extra configuration of ours to time (repeatable; see below)")
-    p.add_argument("--deadline-s", type=float, default=None,
-                   help="start no variant after this many seconds since launch (the rest are marked skipped)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="an extra configuration of ours to time (repeatable; see below)",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="start no variant after this many seconds since launch (the rest are marked skipped)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results directory")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -205,17 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(spec, parse_variant(spec)) for spec in args.variant]
 
     cfg = bc.bench_config(args.config, args.overrides, device=args.device, micro_batch=args.micro_batch)
-    backend = bc.make_backend(cfg)
+    backend = make_backend(cfg)
     device = backend.device
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     compile_mode = args.compile_mode if compile_on else "none"
     cfg = bc.config_with(cfg, **{"backend.compile": compile_mode == "whole"})
     hf_mb = args.hf_micro_batch or cfg.train.micro_batch_size
-    from gaudi_pretrain.model import flops_per_sample
+    from gaudi_pretrain.model.flops import flops_per_sample
 
     ours_flops, hf_flops = flops_per_sample(cfg.model, cfg.data.max_text_len), bc.hf_flops_per_sample(cfg)
-    log(f"device {bc.device_name(device)}; config {args.config}; ours mb {cfg.train.micro_batch_size} "
-        f"({args.engine}, compile={compile_mode}); transformers mb {hf_mb}")
+    log(
+        f"device {bc.device_name(device)}; config {args.config}; ours mb {cfg.train.micro_batch_size} "
+        f"({args.engine}, compile={compile_mode}); transformers mb {hf_mb}"
+    )
 
     peak = bc.matmul_peak_tflops(device)
     log(f"matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak['dtype']} {peak['n']}^3)")
@@ -236,22 +296,47 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_hf:
         log("transformers reference ...")
-        hf = with_oom_retry(lambda mb: measure_hf(bc.config_with(cfg, **{"train.micro_batch_size": mb}), args,
-                                                  peak["tflops"]),
-                            hf_mb, device, not args.no_oom_retry)
+        hf = with_oom_retry(
+            lambda mb: measure_hf(bc.config_with(cfg, **{"train.micro_batch_size": mb}), args, peak["tflops"]),
+            hf_mb,
+            device,
+            not args.no_oom_retry,
+        )
         log(f"  {hf.get('samples_per_s')} samples/s")
         write()
 
     log("ours ...")
-    ours = with_oom_retry(lambda mb: measure_ours(bc.config_with(cfg, **{"train.micro_batch_size": mb}), args.engine,
-                                                  compile_mode, args, peak["tflops"], not args.no_breakdown),
-                          cfg.train.micro_batch_size, device, not args.no_oom_retry)
+    ours = with_oom_retry(
+        lambda mb: measure_ours(
+            bc.config_with(cfg, **{"train.micro_batch_size": mb}),
+            args.engine,
+            compile_mode,
+            args,
+            peak["tflops"],
+            not args.no_breakdown,
+        ),
+        cfg.train.micro_batch_size,
+        device,
+        not args.no_oom_retry,
+    )
     if ours.get("status") == "error" and compile_mode != "none":
         log("  compiled step failed; measuring the eager step instead")
-        ours = dict(with_oom_retry(
-            lambda mb: measure_ours(bc.config_with(cfg, **{"train.micro_batch_size": mb, "backend.compile": False}),
-                                    args.engine, "none", args, peak["tflops"], not args.no_breakdown),
-            cfg.train.micro_batch_size, device, not args.no_oom_retry), compile_error=ours.get("error"))
+        ours = dict(
+            with_oom_retry(
+                lambda mb: measure_ours(
+                    bc.config_with(cfg, **{"train.micro_batch_size": mb, "backend.compile": False}),
+                    args.engine,
+                    "none",
+                    args,
+                    peak["tflops"],
+                    not args.no_breakdown,
+                ),
+                cfg.train.micro_batch_size,
+                device,
+                not args.no_oom_retry,
+            ),
+            compile_error=ours.get("error"),
+        )
     log(f"  {ours.get('samples_per_s')} samples/s")
     write()
 
@@ -265,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         vcfg = bc.config_with(vcfg, **{"backend.compile": mode == "whole"})
         patches = {k: val for k, val in v.items() if k in PATCH_KEYS}
         log(f"variant {spec} ...")
-        r = _guarded(lambda: measure_ours(vcfg, engine, mode, args, peak["tflops"], False, patches,
-                                          v.get("optim", "backend")), device)
+        optim = v.get("optim", "backend")
+        r = _guarded(
+            lambda vcfg=vcfg, engine=engine, mode=mode, patches=patches, optim=optim: measure_ours(
+                vcfg, engine, mode, args, peak["tflops"], False, patches, optim
+            ),
+            device,
+        )
         r.setdefault("micro_batch", vcfg.train.micro_batch_size)
         variant_results.append({"variant": spec, **r})
         log(f"  {r.get('samples_per_s')} samples/s ({r.get('status')})")
@@ -285,7 +375,8 @@ def summarize(args, cfg, device, peak, hf, ours, variants, ours_flops, hf_flops)
         "benchmark": "step_throughput",
         "device": bc.device_name(device),
         "device_slug": bc.device_slug(device, args.config),
-        "config": str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve().is_relative_to(REPO)
+        "config": str(Path(args.config).resolve().relative_to(REPO))
+        if Path(args.config).resolve().is_relative_to(REPO)
         else args.config,
         "image_size": cfg.model.vision.image_size,
         "text_len": cfg.data.max_text_len,
@@ -326,8 +417,10 @@ def _row(name: str, r: dict[str, Any] | None) -> str:
         return f"| {name} | — | not run | | | | |"
     if r.get("status") != "ok":
         return f"| {name} | {r.get('micro_batch')} | {r.get('status')}: {r.get('error', '')} | | | | |"
-    return (f"| {name} | {r['micro_batch']} | **{r['samples_per_s']:.1f}** | {_fmt(r['tflops'], '.1f')} | "
-            f"{_fmt(r['pct_of_matmul_peak'])} | {_fmt(r['peak_memory_gib'], '.1f')} | {1e3 * r['median_step_s']:.1f} |")
+    return (
+        f"| {name} | {r['micro_batch']} | **{r['samples_per_s']:.1f}** | {_fmt(r['tflops'], '.1f')} | "
+        f"{_fmt(r['pct_of_matmul_peak'])} | {_fmt(r['peak_memory_gib'], '.1f')} | {1e3 * r['median_step_s']:.1f} |"
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -371,20 +464,28 @@ def markdown(res: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for phase in ("vision", "text", "cross", "heads"):
-            lines.append(f"| {phase} | {_fmt(bd['ms'].get('fwd:' + phase), '.2f')} | "
-                         f"{_fmt(bd['ms'].get('bwd:' + phase), '.2f')} | {bd['phase_ms'][phase]:.2f} | "
-                         f"{100 * bd['phase_share'][phase]:.1f}% | {100 * share[phase]:.1f}% |")
-        lines.append(f"| rest of backward (embeddings, engine) | | {_fmt(bd['ms'].get('bwd:engine'), '.2f')} | "
-                     f"{bd['phase_ms']['engine_backward_rest']:.2f} | "
-                     f"{100 * bd['phase_share']['engine_backward_rest']:.1f}% | |")
-        lines.append(f"| optimizer step | | | {bd['phase_ms']['optimizer']:.2f} | "
-                     f"{100 * bd['phase_share']['optimizer']:.1f}% | 0% |")
+            lines.append(
+                f"| {phase} | {_fmt(bd['ms'].get('fwd:' + phase), '.2f')} | "
+                f"{_fmt(bd['ms'].get('bwd:' + phase), '.2f')} | {bd['phase_ms'][phase]:.2f} | "
+                f"{100 * bd['phase_share'][phase]:.1f}% | {100 * share[phase]:.1f}% |"
+            )
+        lines.append(
+            f"| rest of backward (embeddings, engine) | | {_fmt(bd['ms'].get('bwd:engine'), '.2f')} | "
+            f"{bd['phase_ms']['engine_backward_rest']:.2f} | "
+            f"{100 * bd['phase_share']['engine_backward_rest']:.1f}% | |"
+        )
+        lines.append(
+            f"| optimizer step | | | {bd['phase_ms']['optimizer']:.2f} | "
+            f"{100 * bd['phase_share']['optimizer']:.1f}% | 0% |"
+        )
         lines.append(f"| total | | | {bd['total_ms']:.2f} | | |")
         lines.append("")
-        lines.append("vision = patch embedding + CLIP blocks + image bridges; text = RoBERTa (MLM and ITM texts in one "
-                     f"[2B, L] pass) + text bridges; cross = {res['cross_layers']} bridged cross-modal layers per stream, both "
-                     "passes; "
-                     "heads = MLM/ITM heads and losses. " + bd["note"] + ".")
+        lines.append(
+            "vision = patch embedding + CLIP blocks + image bridges; text = RoBERTa (MLM and ITM texts in one "
+            f"[2B, L] pass) + text bridges; cross = {res['cross_layers']} bridged cross-modal layers per stream, both "
+            "passes; "
+            "heads = MLM/ITM heads and losses. " + bd["note"] + "."
+        )
     if res["variants"]:
         lines += [
             "",

@@ -24,61 +24,81 @@ class _Section(BaseModel):
 
 
 class TextTowerConfig(_Section):
-    """RoBERTa-style text tower (transformers' BridgeTowerTextConfig fields)."""
+    """RoBERTa text tower (transformers' BridgeTowerTextConfig fields)."""
 
-    vocab_size: int = Field(50265, gt=0)
-    hidden_size: int = Field(1024, gt=0)
-    num_hidden_layers: int = Field(24, gt=0)
-    num_attention_heads: int = Field(16, gt=0)
-    intermediate_size: int = Field(4096, gt=0)
-    max_position_embeddings: int = Field(514, gt=2)
-    layer_norm_eps: float = 1e-5
-    pad_token_id: int = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
+    vocab_size: int = Field(50265, gt=0, description="embedding rows and MLM decoder outputs")
+    hidden_size: int = Field(1024, gt=0, description="must equal `model.hidden_size`")
+    num_hidden_layers: int = Field(24, gt=0, description="text layers (must equal `vision.num_hidden_layers`)")
+    num_attention_heads: int = Field(16, gt=0, description="heads of the text and the cross-modal layers")
+    intermediate_size: int = Field(4096, gt=0, description="FFN width of the text and the cross-modal layers")
+    max_position_embeddings: int = Field(
+        514, gt=2, description="RoBERTa positions start at pad + 1: `data.max_text_len` ≤ this − 2"
+    )
+    layer_norm_eps: float = Field(1e-5, description="text-tower LayerNorms")
+    pad_token_id: int = Field(1, description="RoBERTa's pad id")
+    bos_token_id: int = Field(0, description="RoBERTa's `<s>` id")
+    eos_token_id: int = Field(2, description="RoBERTa's `</s>` id")
 
 
 class VisionTowerConfig(_Section):
-    """CLIP ViT visual tower (transformers' BridgeTowerVisionConfig fields). Heads = hidden // 64."""
+    """CLIP ViT visual tower (transformers' BridgeTowerVisionConfig fields)."""
 
-    hidden_size: int = Field(1024, gt=0)
-    num_hidden_layers: int = Field(24, gt=0)
-    patch_size: int = Field(14, gt=0)
-    image_size: int = Field(294, gt=0)
-    layer_norm_eps: float = 1e-5
+    hidden_size: int = Field(1024, gt=0, description="a multiple of 64: heads = hidden // 64, FFN = 4 × hidden")
+    num_hidden_layers: int = Field(24, gt=0, description="must equal `text.num_hidden_layers`")
+    patch_size: int = Field(14, gt=0, description="square patch side in pixels")
+    image_size: int = Field(294, gt=0, description="a multiple of `patch_size`: (image / patch)² + 1 tokens")
+    layer_norm_eps: float = Field(1e-5, description="vision-tower LayerNorms")
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "VisionTowerConfig":
+    def _check_shapes(self) -> VisionTowerConfig:
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % 64:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 64 (heads = hidden // 64)")
         return self
 
 
 class ModelConfig(_Section):
-    """BridgeTower: towers + `num_hidden_layers` bridged cross-modal layers of width `hidden_size`."""
+    """BridgeTower: two towers and `num_hidden_layers` bridged cross-modal layers. Defaults are
+    BridgeTower-large. When the model is built: `num_hidden_layers` ≤ `text.num_hidden_layers`, and
+    `num_attention_heads` = `text.num_attention_heads` (transformers builds the cross-modal layers from
+    the text config)."""
 
-    hidden_size: int = Field(1024, gt=0)
-    num_hidden_layers: int = Field(6, gt=0)
-    num_attention_heads: int = Field(16, gt=0)
-    layer_norm_eps: float = 1e-5
-    text: TextTowerConfig = TextTowerConfig()
-    vision: VisionTowerConfig = VisionTowerConfig()
-    itc_heads: bool = False  # add the -itm-mlm-itc contrastive heads
-    contrastive_hidden_size: int = 512
-    activation_checkpointing: bool = False
-    attention: Literal["sdpa", "eager"] = "sdpa"
-    dropout: float = Field(0.1, ge=0, lt=1)  # text tower + cross-modal layers (transformers' default 0.1)
-    # Initialisation sources (Hub name or local directory); None = random init.
-    from_pretrained: str | None = None  # a transformers BridgeTower checkpoint
-    init_vision_from: str | None = None  # CLIP (CLIPModel / CLIPVisionModel layout)
-    init_text_from: str | None = None  # RoBERTa (RobertaModel layout)
+    hidden_size: int = Field(1024, gt=0, description="width of the cross-modal layers")
+    num_hidden_layers: int = Field(
+        6, gt=0, description="cross-modal layers per modality; uni-modal layers T − C + 1 … T feed them"
+    )
+    num_attention_heads: int = Field(16, gt=0, description="heads of the cross-modal layers")
+    layer_norm_eps: float = Field(1e-5, description="cross-modal and head LayerNorms")
+    text: TextTowerConfig = Field(TextTowerConfig(), description="the RoBERTa text tower")
+    vision: VisionTowerConfig = Field(VisionTowerConfig(), description="the CLIP ViT visual tower")
+    itc_heads: bool = Field(
+        False, description="add the -itm-mlm-itc contrastive heads (weights only: no ITC loss is trained)"
+    )
+    contrastive_hidden_size: int = Field(512, gt=0, description="output width of the ITC heads")
+    activation_checkpointing: bool = Field(
+        False, description="recompute every uni-modal and cross-modal layer in backward"
+    )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="`sdpa`: the backend's fused kernel (torch SDPA; FusedSDPA on HPU); "
+        "`eager`: matmul + fp32 softmax (the reference path)",
+    )
+    dropout: float = Field(
+        0.1, ge=0, lt=1, description="text-tower and cross-modal dropout (the vision tower has none)"
+    )
+    from_pretrained: str | None = Field(
+        None, description="a transformers BridgeTower checkpoint (Hub name or directory) to start from"
+    )
+    init_vision_from: str | None = Field(
+        None, description="CLIP checkpoint for the vision tower (CLIPModel / CLIPVisionModel layout)"
+    )
+    init_text_from: str | None = Field(
+        None, description="RoBERTa checkpoint for the text tower (RobertaModel / RobertaForMaskedLM layout)"
+    )
 
     @model_validator(mode="after")
-    def _check_towers(self) -> "ModelConfig":
+    def _check_towers(self) -> ModelConfig:
         if self.text.hidden_size != self.hidden_size:
             raise ValueError(
                 f"text.hidden_size {self.text.hidden_size} must equal hidden_size {self.hidden_size} "
@@ -90,48 +110,104 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_shards: list[str] = []  # globs, brace patterns or directories of .tar shards
-    eval_shards: list[str] = []
-    tokenizer: str = "roberta-large"  # Hub name or local directory
-    max_text_len: int = Field(50, gt=2)
-    num_workers: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(1000, ge=0)
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    itm_negative_prob: float = Field(0.5, ge=0, le=1)
-    resampled: bool = False  # sample shards with replacement (infinite stream)
-    allow_pipe_urls: bool = False  # webdataset `pipe:` URLs run shell commands: trusted configs only
-    prefetch_factor: int = Field(2, ge=1)
+    """Shards, tokenizer and the per-rank loaders (docs/data.md)."""
+
+    train_shards: list[str] = Field(
+        [], description="directories, globs, brace patterns, tar paths or URLs of the training shards"
+    )
+    eval_shards: list[str] = Field([], description="held-out shards; empty: no evaluation during training")
+    tokenizer: str = Field(
+        "roberta-large", description="Hub name or directory for AutoTokenizer (must have pad and mask tokens)"
+    )
+    max_text_len: int = Field(50, gt=2, description="every caption is padded or truncated to this many tokens")
+    num_workers: int = Field(
+        2, ge=0, description="DataLoader processes per rank (0: in-process; 0 and 1 give the same stream)"
+    )
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="block of the seeded shuffle inside each worker's range (≤ 1: none; shard order is still permuted)",
+    )
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="fraction of non-special tokens selected for MLM")
+    itm_negative_prob: float = Field(0.5, ge=0, le=1, description="fraction of rows given another row's image")
+    itm_hard_negatives: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of training negatives drawn from the rows whose captions share the most words "
+        "with the row's own (the rest: any other caption; eval stays random)",
+    )
+    itm_hard_negatives_ramp_epochs: int = Field(
+        0, ge=0, description="reach `itm_hard_negatives` linearly over this many epochs, from 0 at epoch 0 (0: at once)"
+    )
+    resampled: bool = Field(
+        False, description="draw shards with replacement each epoch (same total; no longer exactly once)"
+    )
+    allow_pipe_urls: bool = Field(
+        False, description="allow webdataset `pipe:` URLs, which run shell commands (trusted configs only)"
+    )
+    prefetch_factor: int = Field(2, ge=1, description="batches prefetched per DataLoader worker")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-5, gt=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    lr_multiplier: float = Field(5.0, gt=0)  # for `cross_modal` parameters and the heads
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    end_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """AdamW with the recipe's parameter groups and a linear warm-up / decay schedule."""
+
+    lr: float = Field(1e-5, gt=0, description="base learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW eps (passed explicitly: FusedAdamW's default is 1e-6)")
+    weight_decay: float = Field(
+        0.01, ge=0, description="not applied to biases, norm parameters (CLIP's ln_* too) and logit_scale"
+    )
+    lr_multiplier: float = Field(
+        5.0, gt=0, description="lr × this for parameters whose name contains `cross_modal` and for the heads"
+    )
+    warmup_ratio: float = Field(
+        0.1, ge=0, le=1, description="linear warm-up from 0 over this fraction of `train.max_steps`"
+    )
+    end_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="lr at `max_steps` as a fraction of each group's lr (linear decay to it)"
+    )
 
 
 class TrainConfig(_Section):
-    micro_batch_size: int = Field(16, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    global_batch_size: int | None = Field(None, gt=0)  # checked = micro × accumulation × world
-    max_steps: int = Field(100_000, gt=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
-    seed: int = 42
-    output_dir: str = "runs/default"
-    max_consecutive_nonfinite: int = Field(5, gt=0)
+    """Batch geometry, length, precision and the run directory."""
+
+    micro_batch_size: int = Field(16, gt=0, description="samples per device per micro-step")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-steps per optimizer step")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="when set, must equal micro × accumulation × world size (checked before anything is written)",
+    )
+    max_steps: int = Field(100_000, gt=0, description="optimizer steps")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="bf16: DeepSpeed bf16 (bf16 parameters, fp32 master weights in its optimizer) + bf16 autocast",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    grad_clip: float = Field(1.0, ge=0, description="global L2 norm clip; 0 disables")
+    seed: int = Field(42, description="model init, data order, masks and negatives")
+    output_dir: str = Field("runs/default", description="the run directory (checked writable at start)")
+    max_consecutive_nonfinite: int = Field(
+        5, gt=0, description="consecutive skipped (non-finite) optimizer steps before the run stops"
+    )
 
 
 class BackendConfig(_Section):
-    name: Literal["auto", "hpu", "cuda", "cpu"] = "auto"
-    hpu_lazy_mode: bool = True  # PT_HPU_LAZY_MODE=1; False = eager (+ torch.compile hpu_backend)
-    compile: bool = False
-    gaudi_config: str | None = None  # optimum-habana style gaudi_config.json
-    cpu_threads: int | None = Field(None, gt=0)
+    """The device seam (docs/architecture.md, "The device seam")."""
+
+    name: Literal["auto", "hpu", "cuda", "cpu"] = Field(
+        "auto", description="`auto`: HPU if the Gaudi bridge is installed and sees a card, else CUDA, else CPU"
+    )
+    hpu_lazy_mode: bool = Field(
+        True,
+        description='PT_HPU_LAZY_MODE=1 (lazy graphs + mark_step); false: eager + torch.compile(backend="hpu_backend")',
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model on CPU / CUDA (ignored with a warning in HPU lazy mode)"
+    )
+    gaudi_config: str | None = Field(None, description="an optimum-habana style gaudi_config.json (HPU only)")
+    cpu_threads: int | None = Field(None, gt=0, description="CPU backend: OMP_NUM_THREADS and torch's intra-op threads")
 
     def launch_environment(self) -> dict[str, str]:
         """The variables a launcher must export before Python starts: the Gaudi bridge, which `import torch`
@@ -142,38 +218,57 @@ class BackendConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(1000, gt=0)
-    keep_last: int = Field(3, gt=0)
-    resume: str | None = None  # None, "auto" or a checkpoint directory
-    export_hf: bool = True  # rank 0 writes a transformers export to <output_dir>/hf at the end of `train`
+    """Resumable checkpoints (docs/checkpoints.md)."""
+
+    every_steps: int = Field(1000, gt=0, description="save every N steps, and always at the last step")
+    keep_last: int = Field(3, gt=0, description="complete checkpoints kept (older ones are pruned after each save)")
+    resume: str | None = Field(
+        None,
+        description="`auto`: this run's latest (a fresh start if none); a path: that checkpoint (`--resume` sets it)",
+    )
+    export_hf: bool = Field(
+        True, description="rank 0 writes a transformers export to `<output_dir>/hf` at the end of `train`"
+    )
 
 
 class LoggingConfig(_Section):
-    every_steps: int = Field(50, gt=0)
-    tensorboard: bool = True
-    progress_bar: bool = True
-    sample_log: bool = False  # per-rank log of sample keys (accounting; costs I/O)
+    """metrics.jsonl, TensorBoard and the progress bar (docs/performance.md, "Metrics")."""
+
+    every_steps: int = Field(
+        50, gt=0, description="reduce metrics and write a metrics.jsonl record every N steps (and at the last)"
+    )
+    tensorboard: bool = Field(True, description="also write TensorBoard scalars to `<output_dir>/tensorboard`")
+    progress_bar: bool = Field(True, description="tqdm bar on rank 0 (stderr)")
+    sample_log: bool = Field(False, description="per-rank log of every step's sample keys (accounting; costs I/O)")
 
 
 class EvalConfig(_Section):
-    every_steps: int = Field(5000, gt=0)
-    max_samples: int = Field(1000, gt=0)
-    retrieval_samples: int = Field(100, ge=0)  # pairs ranked for IR/TR recall (N×N ITM forwards)
-    batch_size: int = Field(32, gt=0)
+    """Held-out ITM / MLM accuracy and retrieval recall, when `data.eval_shards` is set."""
+
+    every_steps: int = Field(5000, gt=0, description="evaluate every N steps (and at the last)")
+    max_samples: int = Field(
+        1000, gt=0, description="held-out samples for ITM / MLM accuracy, rounded up to whole batches of micro × world"
+    )
+    retrieval_samples: int = Field(
+        100, ge=0, description="N pairs ranked for IR / TR recall (N² cross-encoder pairs); ≤ 1 disables retrieval"
+    )
+    batch_size: int = Field(32, gt=0, description="pairs per cross-encoder forward when scoring retrieval")
 
 
 class RunConfig(_Section):
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    backend: BackendConfig = BackendConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
-    eval: EvalConfig = EvalConfig()
+    """One run: every section is strict (an unknown key or a wrong type is an error naming it)."""
+
+    model: ModelConfig = Field(ModelConfig(), description="the architecture and its initialisation")
+    data: DataConfig = Field(DataConfig(), description="shards, tokenizer and loaders")
+    optim: OptimConfig = Field(OptimConfig(), description="AdamW and the learning-rate schedule")
+    train: TrainConfig = Field(TrainConfig(), description="batch geometry, length, precision, run directory")
+    backend: BackendConfig = Field(BackendConfig(), description="the device")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="checkpoints and resume")
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics and progress")
+    eval: EvalConfig = Field(EvalConfig(), description="held-out evaluation")
 
     @model_validator(mode="after")
-    def _check_cross_sections(self) -> "RunConfig":
+    def _check_cross_sections(self) -> RunConfig:
         limit = self.model.text.max_position_embeddings - 2  # RoBERTa positions start at pad+1
         if self.data.max_text_len > limit:
             raise ValueError(
@@ -298,8 +393,9 @@ def check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
     return derived
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, clip_in_engine: bool = True,
-                     optimizer_known_to_deepspeed: bool = True) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: RunConfig, world_size: int, clip_in_engine: bool = True, optimizer_known_to_deepspeed: bool = True
+) -> dict[str, Any]:
     """The DeepSpeed dict; `clip_in_engine=False` when the backend clips itself (fused clip norm).
 
     DeepSpeed refuses a ZeRO >= 1 client optimizer whose exact type is not in its tested list

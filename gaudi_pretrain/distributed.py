@@ -26,15 +26,23 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any
 
 from gaudi_pretrain.errors import ConfigError
 
 DEFAULT_MASTER_PORT = 29500
-_MPI_HINTS = ("PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMI_SIZE", "I_MPI_HYDRA_HOST_FILE",
-              "HYDRA_CONTROL_FD", "MPI_LOCALRANKID")
+_MPI_HINTS = (
+    "PMIX_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "I_MPI_HYDRA_HOST_FILE",
+    "HYDRA_CONTROL_FD",
+    "MPI_LOCALRANKID",
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class DistInfo:
     source: str  # "torchrun" | "openmpi" | "pmi" | "slurm" | "mpi4py" | "single"
 
     @classmethod
-    def single(cls) -> "DistInfo":
+    def single(cls) -> DistInfo:
         return cls(0, 0, 1, 1, "127.0.0.1", DEFAULT_MASTER_PORT, "single")
 
     @property
@@ -92,8 +100,9 @@ def _scontrol_hostnames(nodelist: str) -> list[str]:
     if not scontrol:
         return []
     try:
-        return subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
-                              timeout=30, check=True).stdout.split()
+        return subprocess.run(
+            [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return []
 
@@ -157,10 +166,20 @@ def _ranks(env: Mapping[str, str]) -> tuple[int, int, int, int | None, str] | No
     """(rank, world, local_rank, local_world or None, source) from launcher variables, or None."""
     flavours = [
         ("torchrun", ("RANK",), ("WORLD_SIZE",), ("LOCAL_RANK",), ("LOCAL_WORLD_SIZE",)),
-        ("openmpi", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",),
-         ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
-        ("pmi", ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
-         ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")),
+        (
+            "openmpi",
+            ("OMPI_COMM_WORLD_RANK",),
+            ("OMPI_COMM_WORLD_SIZE",),
+            ("OMPI_COMM_WORLD_LOCAL_RANK",),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE",),
+        ),
+        (
+            "pmi",
+            ("PMI_RANK",),
+            ("PMI_SIZE",),
+            ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+            ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"),
+        ),
         ("slurm", ("SLURM_PROCID",), ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"), ("SLURM_LOCALID",), ()),
     ]
     for source, rank_vars, world_vars, local_vars, local_world_vars in flavours:
@@ -172,8 +191,9 @@ def _ranks(env: Mapping[str, str]) -> tuple[int, int, int, int | None, str] | No
         if local is None:
             local = rank if world == (local_world or world) else None
         if local is None:
-            raise ConfigError(f"{source} launch gives rank {rank} of {world} but no local rank "
-                              f"({' / '.join(local_vars)} unset)")
+            raise ConfigError(
+                f"{source} launch gives rank {rank} of {world} but no local rank ({' / '.join(local_vars)} unset)"
+            )
         return rank, world, local, local_world, source
     return None
 
@@ -189,8 +209,9 @@ def discover(env: Mapping[str, str] | None = None) -> DistInfo:
             local_comm = comm.Split_type(_split_type_shared())
             found = (comm.Get_rank(), comm.Get_size(), local_comm.Get_rank(), local_comm.Get_size(), "mpi4py")
     if found is None:
-        return DistInfo(0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"),
-                        _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT, "single")
+        return DistInfo(
+            0, 0, 1, 1, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT, "single"
+        )
     rank, world, local, local_world, source = found
     if not 0 <= rank < world:
         raise ConfigError(f"{source} launch gives rank {rank} outside world size {world}")
@@ -237,8 +258,9 @@ def export_env(info: DistInfo) -> None:
     )
 
 
-def init_distributed(info: DistInfo, backend: str, timeout: timedelta | float | None = None,
-                     use_deepspeed: bool = True) -> None:
+def init_distributed(
+    info: DistInfo, backend: str, timeout: timedelta | float | None = None, use_deepspeed: bool = True
+) -> None:
     """Initialise the default process group (idempotent). `backend`: "hccl", "nccl" or "gloo" — on HPU take
     it from `Backend.dist_backend`, which imports the hccl module that registers it."""
     import torch.distributed as dist
@@ -251,16 +273,23 @@ def init_distributed(info: DistInfo, backend: str, timeout: timedelta | float | 
             # In-memory store: a world of one needs no rendezvous and takes no port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         elif not use_deepspeed:
-            dist.init_process_group(backend, init_method="env://", rank=info.rank,
-                                    world_size=info.world_size, timeout=timeout)
+            dist.init_process_group(
+                backend, init_method="env://", rank=info.rank, world_size=info.world_size, timeout=timeout
+            )
     if use_deepspeed:
         import deepspeed
 
         if backend == "gloo" or os.environ.get("DS_ACCELERATOR") == "cpu":
             _skip_deepspeed_cpu_shm_build()
         # Creates the group for world > 1, or adopts the existing one (DeepSpeed's comm layer must know it).
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
-                                   rank=info.rank, world_size=info.world_size, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timeout,
+            rank=info.rank,
+            world_size=info.world_size,
+            verbose=False,
+        )
 
 
 def _skip_deepspeed_cpu_shm_build() -> None:

@@ -9,8 +9,10 @@ a direct `python -m gaudi_pretrain train` works too, and refuses a value that co
 from __future__ import annotations
 
 import os
+import sys
 
 from gaudi_pretrain.config import BackendConfig
+from gaudi_pretrain.distributed import DistInfo, discover, export_env
 from gaudi_pretrain.errors import ConfigError
 
 
@@ -24,4 +26,16 @@ def apply(cfg: BackendConfig, can_set: bool = True) -> None:
         elif have is not None and have != wanted:
             raise ConfigError(
                 f"{name}={have} was set before Python started but the config needs {name}={wanted} "
-                "(backend.hpu_lazy_mode): unset it, or change the config (launch/*.sh export it from the config)")
+                "(backend.hpu_lazy_mode): unset it, or change the config (launch/*.sh export it from the config)"
+            )
+
+
+def prepare(cfg: BackendConfig) -> DistInfo:
+    """Before the process imports torch: who we are (the launcher's rank variables, and the rendezvous
+    address) and the config's launch variables go into the environment. torch loads the Gaudi bridge on
+    import, and its hccl module fills RANK / MASTER_ADDR=localhost / HLS_MODULE_ID from what it finds then
+    (backends/hpu.py). Harmless when torch is already imported: the backend checks the bridge's mode."""
+    info = discover()
+    export_env(info)
+    apply(cfg, can_set="torch" not in sys.modules)
+    return info

@@ -26,7 +26,7 @@ while [[ $# -gt 0 ]]; do
         --master-addr) master_addr="${2:?--master-addr needs a value}"; shift 2 ;;
         --master-port) master_port="${2:?--master-port needs a value}"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
-        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         --) shift; break ;;
         *) die "unknown option '$1' (train arguments go after --)" ;;
     esac

@@ -56,8 +56,15 @@ def free_port() -> int:
 def torchrun(nproc: int = 2) -> list[str]:
     """Launcher prefix for `run_cli`: `nproc` ranks of `python -m gaudi_pretrain` under torchrun (gloo), on a
     free port."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "gaudi_pretrain"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "gaudi_pretrain",
+    ]
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 600, launcher: list[str] | None = None):
@@ -79,8 +86,9 @@ def sample_log(run_dir: Path, rank: int) -> dict[int, list[str]]:
     return steps
 
 
-def assert_ranks_disjoint_and_in_sync(run_dir: Path, steps: int, micro_batch: int, world: int = 2,
-                                      partitioned: bool = False) -> None:
+def assert_ranks_disjoint_and_in_sync(
+    run_dir: Path, steps: int, micro_batch: int, world: int = 2, partitioned: bool = False
+) -> None:
     """Every rank trained `steps` steps on its own samples (no key seen by two ranks) and all ranks ended
     with the same weights (checkpoint digests written by each rank). `partitioned` (ZeRO-3): only rank 0
     holds the gathered weights, so only it writes a digest. `micro_batch` counts the samples

@@ -40,8 +40,10 @@ def test_device_code_lives_only_in_backends():
 
 
 def test_importing_backends_imports_no_device_library():
-    code = ("import sys, gaudi_pretrain.backends, gaudi_pretrain.distributed, gaudi_pretrain.train.optim; "
-            "print(any(m.startswith('habana_frameworks') for m in sys.modules), 'deepspeed' in sys.modules)")
+    code = (
+        "import sys, gaudi_pretrain.backends, gaudi_pretrain.distributed, gaudi_pretrain.train.optim; "
+        "print(any(m.startswith('habana_frameworks') for m in sys.modules), 'deepspeed' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr
 

@@ -18,12 +18,29 @@ BENCH = REPO / "benchmarks"
 @pytest.fixture(scope="module")
 def step_result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("step_throughput")
-    cmd = [sys.executable, str(BENCH / "step_throughput.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-           "--device", "cpu", "--steps", "2", "--warmup", "1", "--micro-batch", "4", "--variant", "engine=torch",
-           "--variant", "vision=twice,qkv=fused,ga=2,optim=foreach",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(BENCH / "step_throughput.py"),
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--micro-batch",
+        "4",
+        "--variant",
+        "engine=torch",
+        "--variant",
+        "vision=twice,qkv=fused,ga=2,optim=foreach",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(out.glob("*.json"))
     assert [f.name for f in files] == ["cpu-tiny.json"]
@@ -34,8 +51,16 @@ def step_result(tmp_path_factory) -> dict:
 def test_step_throughput_json_keys_and_positive_numbers(step_result):
     r = step_result
     assert r["device"] == "cpu"
-    for key in ("ours_samples_per_s", "hf_samples_per_s", "speedup_vs_hf", "matmul_peak_tflops",
-                "ours_tflops", "hf_tflops", "flops_per_sample_ours", "flops_per_sample_hf"):
+    for key in (
+        "ours_samples_per_s",
+        "hf_samples_per_s",
+        "speedup_vs_hf",
+        "matmul_peak_tflops",
+        "ours_tflops",
+        "hf_tflops",
+        "flops_per_sample_ours",
+        "flops_per_sample_hf",
+    ):
         assert isinstance(r[key], (int, float)) and r[key] > 0, key
     # The shared vision pass: ours does less work per sample than the two full transformers passes.
     assert r["flops_per_sample_ours"] < r["flops_per_sample_hf"]
@@ -55,7 +80,11 @@ def test_step_throughput_breakdown_and_variants(step_result):
     assert torch_engine["samples_per_s"] > 0
     assert patched["status"] == "ok", patched
     assert (patched["vision"], patched["qkv"], patched["grad_accum"], patched["optimizer"]) == (
-        "twice", "fused", 2, "foreach")
+        "twice",
+        "fused",
+        2,
+        "foreach",
+    )
     assert len(patched["step_s"]) == 2 and patched["samples_per_s"] > 0
 
 
@@ -64,7 +93,7 @@ def test_flop_counts_of_the_large_config():
     sys.path.insert(0, str(BENCH))
     import bench_common as bc
 
-    from gaudi_pretrain.model import flops_per_sample
+    from gaudi_pretrain.model.flops import flops_per_sample
 
     cfg = bc.bench_config(REPO / "configs" / "bridgetower_large.yaml", device="cpu")
     ours, hf = flops_per_sample(cfg.model, 50), bc.hf_flops_per_sample(cfg)
@@ -75,10 +104,9 @@ def test_flop_counts_of_the_large_config():
 
 def test_synthetic_batch_follows_the_loader_contract():
     sys.path.insert(0, str(BENCH))
+    import bench_common as bc
     import numpy as np
     import torch
-
-    import bench_common as bc
 
     cfg = bc.bench_config(REPO / "configs" / "tiny.yaml", device="cpu")
     b = bc.synthetic_batch(cfg, 16, np.random.default_rng(0), vocab_limit=100)
@@ -97,13 +125,15 @@ def test_synthetic_batch_follows_the_loader_contract():
 def test_lever_patches_keep_the_math(patch):
     """The benchmark's counterfactual levers compute the same losses and gradients as the model."""
     sys.path.insert(0, str(BENCH))
+    import bench_common as bc
     import torch
 
-    import bench_common as bc
     from gaudi_pretrain.model.pretraining import BridgeTowerForPretraining
 
     cfg = bc.bench_config(REPO / "configs" / "tiny.yaml", ["model.dropout=0.0"], device="cpu")
-    batch = bc.to_device(next(bc.synthetic_batches(cfg, 6, seed=1, pool=1)), torch.device("cpu"))
+    from gaudi_pretrain.backends.cpu import CpuBackend
+
+    batch = CpuBackend(cfg.backend).to_device(next(bc.synthetic_batches(cfg, 6, seed=1, pool=1)))
     torch.manual_seed(0)
     plain = BridgeTowerForPretraining(cfg.model)
     patched = BridgeTowerForPretraining(cfg.model)
@@ -114,9 +144,11 @@ def test_lever_patches_keep_the_math(patch):
 
     images, query_calls = [], []  # what the patched model really does: vision rows, separate q projections
     patched.bridgetower.vision_model.visual.embeddings.register_forward_hook(
-        lambda m, args, out: images.append(out.shape[0]))
+        lambda m, args, out: images.append(out.shape[0])
+    )
     patched.bridgetower.text_model.encoder.layer[0].attention.self.query.register_forward_hook(
-        lambda m, args, out: query_calls.append(1))
+        lambda m, args, out: query_calls.append(1)
+    )
     with bc.ModelPatches(**patch) as patches:
         patches.apply(patched)
         assert (QKV.forward is bc.fused_qkv_forward) == (patch.get("qkv") == "fused")

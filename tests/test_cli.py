@@ -9,8 +9,9 @@ from gaudi_pretrain.cli import build_parser
 
 
 def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "gaudi_pretrain", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gaudi_pretrain", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _subcommands():

@@ -34,8 +34,10 @@ def test_large_preset_is_the_paper_recipe():
 
 
 def test_dotted_override_applies_with_yaml_types():
-    cfg = load_config("configs/tiny.yaml", ["train.micro_batch_size=8", "optim.betas=[0.8, 0.9]",
-                                            "model.vision.image_size=48", "checkpoint.resume=auto"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        ["train.micro_batch_size=8", "optim.betas=[0.8, 0.9]", "model.vision.image_size=48", "checkpoint.resume=auto"],
+    )
     assert cfg.train.micro_batch_size == 8
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.model.vision.image_size == 48

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_tar
 
 from gaudi_pretrain.config import validate_config
 from gaudi_pretrain.data.pipeline import build_loader
 from gaudi_pretrain.errors import DataError
-
-from conftest import write_tar
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,8 +33,6 @@ def _jpeg(seed: int, size: int = 20) -> bytes:
 
 def _caption(i: int) -> str:
     return "a " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 4))
-
-
 
 
 def good(key: str, i: int) -> tuple[str, dict[str, bytes]]:
@@ -65,14 +62,28 @@ def unequal_shards(tmp_path_factory) -> tuple[Path, set[str]]:
 def make_cfg(shards, batch=4, workers=2, **data):
     raw = {
         "model": {
-            "hidden_size": 64, "num_attention_heads": 2,
-            "text": {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "intermediate_size": 128, "max_position_embeddings": 40},
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "text": {
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 128,
+                "max_position_embeddings": 40,
+            },
             "vision": {"hidden_size": 64, "num_hidden_layers": 1, "patch_size": 8, "image_size": IMAGE},
         },
-        "data": {"train_shards": [str(s) for s in shards], "eval_shards": [str(s) for s in shards],
-                 "max_text_len": 12, "num_workers": workers, "shuffle_buffer": 7, "resampled": False,
-                 "prefetch_factor": 2, **data},
+        "data": {
+            "train_shards": [str(s) for s in shards],
+            "eval_shards": [str(s) for s in shards],
+            "max_text_len": 12,
+            "num_workers": workers,
+            "shuffle_buffer": 7,
+            "resampled": False,
+            "prefetch_factor": 2,
+            **data,
+        },
         "train": {"micro_batch_size": batch, "seed": 3},
     }
     return validate_config(raw)
@@ -84,8 +95,18 @@ def take(loader, n: int) -> list[dict]:
 
 
 def check_batch_contract(batch: dict, batch_size: int, max_len: int) -> None:
-    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels",
-                          "itm_image_index", "itm_labels", "sample_mask", "keys", "skipped"}
+    assert set(batch) == {
+        "pixel_values",
+        "input_ids",
+        "attention_mask",
+        "mlm_input_ids",
+        "mlm_labels",
+        "itm_image_index",
+        "itm_labels",
+        "sample_mask",
+        "keys",
+        "skipped",
+    }
     assert batch["pixel_values"].shape == (batch_size, 3, IMAGE, IMAGE)
     assert batch["pixel_values"].dtype == torch.float32
     for k in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
@@ -138,15 +159,26 @@ def test_epochs_reshuffle_and_resampled_mode_is_fixed_size(unequal_shards, token
 
 
 def _signature(batch: dict) -> tuple:
-    return (tuple(batch["keys"]), batch["mlm_input_ids"].tolist(), batch["mlm_labels"].tolist(),
-            batch["itm_image_index"].tolist(), int(batch["skipped"]), float(batch["pixel_values"].sum()))
+    return (
+        tuple(batch["keys"]),
+        batch["mlm_input_ids"].tolist(),
+        batch["mlm_labels"].tolist(),
+        batch["itm_image_index"].tolist(),
+        int(batch["skipped"]),
+        float(batch["pixel_values"].sum()),
+    )
 
 
 @pytest.mark.parametrize("resampled", [False, True])
 def test_resume_continues_with_identical_batches(unequal_shards, tokenizer, tmp_path, resampled):
     root, _ = unequal_shards
-    shards = [f"{root}/0000{{0..4}}.tar", write_tar(tmp_path / "bad.tar", [
-        good("b_0000", 900), ("b_0001", {"jpg": b"not a jpeg", "txt": b"a red"}), good("b_0002", 902)])]
+    shards = [
+        f"{root}/0000{{0..4}}.tar",
+        write_tar(
+            tmp_path / "bad.tar",
+            [good("b_0000", 900), ("b_0001", {"jpg": b"not a jpeg", "txt": b"a red"}), good("b_0002", 902)],
+        ),
+    ]
     cfg = make_cfg(shards, batch=4, workers=2, resampled=resampled)
     loader = build_loader(cfg, tokenizer)
     total = loader.batches_per_epoch + 5  # crosses an epoch boundary
@@ -160,7 +192,7 @@ def test_resume_continues_with_identical_batches(unequal_shards, tokenizer, tmp_
         fresh = build_loader(cfg, tokenizer)
         fresh.load_state_dict(states[k])
         resumed = [_signature(b) for b in take(fresh, total - k - 1)]
-        assert resumed == reference[k + 1:]
+        assert resumed == reference[k + 1 :]
 
 
 def test_resume_refuses_a_changed_layout(unequal_shards, tokenizer):
@@ -240,3 +272,26 @@ def test_shard_spec_errors(tmp_path, tokenizer):
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(DataError, match="no samples"):
         build_loader(make_cfg([tmp_path]), tokenizer)
+
+
+def test_hard_negatives_ramp_in_over_the_configured_epochs(demo_shards):
+    """`data.itm_hard_negatives: 1` with `itm_hard_negatives_ramp_epochs: 2` on the demo captions, read back
+    from real batches: in epoch 0 the negatives are uniform (a caption differing in one word about one time
+    in ten), from epoch 2 on they are hard (one word apart nearly always), epoch 1 in between."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo_shards / "tokenizer"))
+    cfg = make_cfg(
+        [demo_shards / "train"], batch=32, workers=0, itm_hard_negatives=1.0, itm_hard_negatives_ramp_epochs=2
+    )
+    cfg.model.vision.image_size = 32
+    loader = build_loader(cfg, tok)
+    n = loader.batches_per_epoch
+    one_word = {0: [], 1: [], 2: []}
+    for i, batch in enumerate(take(loader, 3 * n)):
+        captions = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        for row in torch.nonzero(batch["itm_labels"] == 0).flatten().tolist():
+            a, b = captions[row].split(), captions[int(batch["itm_image_index"][row])].split()
+            one_word[i // n].append(sum(x != y for x, y in zip(a, b)) == 1)
+    share = {epoch: float(np.mean(v)) for epoch, v in one_word.items()}
+    assert share[0] < 0.25 and share[2] > 0.9 and share[0] < share[1] < share[2], share

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from gaudi_pretrain import distributed as D
 from gaudi_pretrain.distributed import DistInfo, discover, first_host
 from gaudi_pretrain.errors import ConfigError
-
-from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,29 +30,49 @@ def test_single_process_without_env():
 
 
 def test_torchrun():
-    env = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
-           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "8",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "1234",
+    }
     info = discover(env)
     assert info == DistInfo(5, 1, 16, 8, "10.0.0.1", 1234, "torchrun")
     assert info.num_nodes == 2 and not info.is_main
 
 
 def test_openmpi_single_node_defaults_master_to_localhost():
-    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "3",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+    }
     assert discover(env) == DistInfo(3, 3, 8, 8, "127.0.0.1", 29500, "openmpi")
 
 
 def test_openmpi_multi_node_uses_env_master():
-    env = {"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "MASTER_ADDR": "gaudi-0", "MASTER_PORT": "12345"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "9",
+        "OMPI_COMM_WORLD_SIZE": "16",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+        "MASTER_ADDR": "gaudi-0",
+        "MASTER_PORT": "12345",
+    }
     assert discover(env) == DistInfo(9, 1, 16, 8, "gaudi-0", 12345, "openmpi")
 
 
 def test_multi_node_without_master_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(D, "_mpi4py_comm", lambda: None)  # as if mpi4py were absent
-    env = {"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-           "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": "9",
+        "OMPI_COMM_WORLD_SIZE": "16",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+    }
     with pytest.raises(ConfigError, match="no MASTER_ADDR") as err:
         discover(env)
     assert "\n" not in str(err.value)
@@ -65,14 +84,20 @@ def test_pmi_intel_mpi():
 
 
 def test_slurm_multi_node_master_from_nodelist():
-    env = {"SLURM_PROCID": "12", "SLURM_NTASKS": "16", "SLURM_LOCALID": "4", "SLURM_TASKS_PER_NODE": "8(x2)",
-           "SLURM_JOB_NODELIST": "gaudi[007-008]", "SLURM_STEP_NUM_TASKS": "16"}
+    env = {
+        "SLURM_PROCID": "12",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "4",
+        "SLURM_TASKS_PER_NODE": "8(x2)",
+        "SLURM_JOB_NODELIST": "gaudi[007-008]",
+        "SLURM_STEP_NUM_TASKS": "16",
+    }
     assert discover(env) == DistInfo(12, 4, 16, 8, "gaudi007", 29500, "slurm")
 
 
 def test_slurm_uses_scontrol_when_present(monkeypatch, tmp_path):
     fake = tmp_path / "scontrol"  # a stand-in scontrol on PATH that prints the expanded host list
-    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\nprintf 'n-a\\nn-b\\n'\n")
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\nprintf \'n-a\\nn-b\\n\'\n')
     fake.chmod(0o755)
     monkeypatch.undo()  # drop the autouse stub of _scontrol_hostnames
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
@@ -80,12 +105,15 @@ def test_slurm_uses_scontrol_when_present(monkeypatch, tmp_path):
     assert (tmp_path / "args").read_text().split() == ["show", "hostnames", "n-[a-b]"]
 
 
-@pytest.mark.parametrize("nodelist,host", [
-    ("node01", "node01"),
-    ("node01,node02", "node01"),
-    ("gaudi[003-010,012],other[1-2]", "gaudi003"),
-    ("rack1-n[9,11]", "rack1-n9"),
-])
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [
+        ("node01", "node01"),
+        ("node01,node02", "node01"),
+        ("gaudi[003-010,012],other[1-2]", "gaudi003"),
+        ("rack1-n[9,11]", "rack1-n9"),
+    ],
+)
 def test_first_host_parser(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -177,8 +205,9 @@ def _results(out_dir: Path) -> list[dict]:
 
 
 def _launch_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               MASTER_PORT=str(free_port()))
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port())
+    )
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
         env.pop(var, None)
     return env
@@ -193,8 +222,22 @@ def test_two_ranks_under_mpirun(tmp_path, mode):
         pytest.importorskip("mpi4py", reason="mpi4py not installed")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    cmd = [mpirun, "-n", "2", "--oversubscribe", "--bind-to", "none", "-x", "MASTER_PORT", "-x", "PYTHONPATH",
-           "-x", "DS_ACCELERATOR", "-x", "OMP_NUM_THREADS"]
+    cmd = [
+        mpirun,
+        "-n",
+        "2",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-x",
+        "MASTER_PORT",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "DS_ACCELERATOR",
+        "-x",
+        "OMP_NUM_THREADS",
+    ]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd += [sys.executable, str(script), mode, str(tmp_path)]
@@ -216,10 +259,22 @@ def test_two_ranks_under_torchrun(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = _launch_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           env["MASTER_PORT"], str(script), "torch", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        env["MASTER_PORT"],
+        str(script),
+        "torch",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     rows = _results(tmp_path)
     assert [(r["rank"], r["local_rank"], r["world_size"], r["sum"], r["source"]) for r in rows] == [
-        (0, 0, 2, 3.0, "torchrun"), (1, 1, 2, 3.0, "torchrun")]
+        (0, 0, 2, 3.0, "torchrun"),
+        (1, 1, 2, 3.0, "torchrun"),
+    ]

@@ -19,17 +19,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, cli_env, free_port, tiny_overrides
 from torch import nn
 
-from conftest import REPO, cli_env, free_port, tiny_overrides
 from gaudi_pretrain.config import BackendConfig, OptimConfig, load_config
 from gaudi_pretrain.errors import ConfigError
 
 DOUBLE_SRC = Path(__file__).resolve().parent / "hpu_double"
 OVERLAYS = Path(sys.prefix) / "compat"
 HPU_ENV = ("PT_HPU_", "HCCL_", "HABANA_")
-HPU_VARS = ("DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HLS_MODULE_ID", "ID",
-            "GAUDI_PRETRAIN_HPU_DEVICE", "HPU_DOUBLE_TRACK", "HPU_DOUBLE_LOG")
+HPU_VARS = (
+    "DS_ACCELERATOR",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HLS_MODULE_ID",
+    "ID",
+    "GAUDI_PRETRAIN_HPU_DEVICE",
+    "HPU_DOUBLE_TRACK",
+    "HPU_DOUBLE_LOG",
+)
 
 
 def _purge_double() -> None:
@@ -76,7 +87,7 @@ def test_the_mode_is_set_before_the_bridge_loads(double):
     del os.environ["GAUDI_PRETRAIN_HPU_DEVICE"]  # the real device: DeepSpeed's HPU accelerator
     backend = _backend(lazy=True)
     backend.prepare_environment()
-    backend.dist_backend
+    assert backend.dist_backend == "hccl"
     imports = double.names("import")
     assert imports[0][1] == "habana_frameworks"
     assert all(e[2] == "1" for e in imports), imports  # PT_HPU_LAZY_MODE was already "1" at every import
@@ -96,14 +107,18 @@ def test_a_bridge_loaded_in_another_mode_is_refused_in_one_line(double):
     assert str(err.value) == (
         "the Gaudi bridge runs in eager (+ torch.compile) mode (PT_HPU_LAZY_MODE=unset when torch was first "
         "imported) but the config asks for lazy (backend.hpu_lazy_mode=true): export PT_HPU_LAZY_MODE=1 before "
-        "Python starts (launch/*.sh do it)")
+        "Python starts (launch/*.sh do it)"
+    )
     _backend(lazy=False).prepare_environment()  # the mode the bridge is in: fine
 
 
 def test_an_exported_mode_that_contradicts_the_config_is_refused(double):
     os.environ["PT_HPU_LAZY_MODE"] = "0"
-    with pytest.raises(ConfigError, match="PT_HPU_LAZY_MODE=0 was set before Python started but the config needs "
-                                          r"PT_HPU_LAZY_MODE=1 \(backend.hpu_lazy_mode\)"):
+    with pytest.raises(
+        ConfigError,
+        match="PT_HPU_LAZY_MODE=0 was set before Python started but the config needs "
+        r"PT_HPU_LAZY_MODE=1 \(backend.hpu_lazy_mode\)",
+    ):
         _backend(lazy=True).prepare_environment()
     assert "habana_frameworks.torch" not in sys.modules  # refused before the bridge loaded
 
@@ -128,8 +143,10 @@ def test_lazy_mode_marks_steps_and_compile_is_a_noop(double, monkeypatch):
     backend = _backend(lazy=True)
     backend.after_backward()
     backend.after_optimizer_step()
-    assert [(e[1], e[2]) for e in double.names("mark_step")] == [("gaudi_pretrain", "after_backward"),
-                                                                ("gaudi_pretrain", "after_optimizer_step")]
+    assert [(e[1], e[2]) for e in double.names("mark_step")] == [
+        ("gaudi_pretrain", "after_backward"),
+        ("gaudi_pretrain", "after_optimizer_step"),
+    ]
 
 
 # ---------------------------------------------------------------------------------- optimizer, clip, seed
@@ -145,7 +162,8 @@ def test_fused_adamw_is_an_optimizer_deepspeed_does_not_know(double, tmp_path):
 
     model = nn.Linear(4, 4)
     fused = _backend(gaudi_config=_gaudi_config(tmp_path, use_fused_adam=True)).make_optimizer(
-        param_groups(model, OptimConfig()), OptimConfig())
+        param_groups(model, OptimConfig()), OptimConfig()
+    )
     assert type(fused).__name__ == "FusedAdamW" and not isinstance(fused, torch.optim.AdamW)
     (ctor,) = double.names("FusedAdamW")
     assert ctor[1] == {"lr": 1e-5, "betas": (0.9, 0.98), "eps": 1e-8, "weight_decay": 0.01}  # eps passed explicitly
@@ -258,9 +276,12 @@ def test_gaudi_config_is_validated_and_op_lists_are_refused(tmp_path):
     assert (repo.use_fused_adam, repo.use_fused_clip_norm, repo.use_torch_autocast) == (False, True, True)
     gc = GaudiConfig.load(_gaudi_config(tmp_path, use_fused_adam=True, use_dynamic_shapes=False))
     assert gc.use_fused_adam and gc.ignored_keys == ("use_dynamic_shapes",)
-    for bad, message in (('{"use_fused_adam": "yes"}', "'use_fused_adam' must be true or false"),
-                         ('{"autocast_bf16_ops": ["mm"]}', "'autocast_bf16_ops' is not supported"),
-                         ("{not json", "is not valid JSON"), ("[]", "must hold a JSON object")):
+    for bad, message in (
+        ('{"use_fused_adam": "yes"}', "'use_fused_adam' must be true or false"),
+        ('{"autocast_bf16_ops": ["mm"]}', "'autocast_bf16_ops' is not supported"),
+        ("{not json", "is not valid JSON"),
+        ("[]", "must hold a JSON object"),
+    ):
         (tmp_path / "g.json").write_text(bad)
         with pytest.raises(ConfigError, match=message):
             GaudiConfig.load(tmp_path / "g.json")
@@ -332,15 +353,28 @@ def _events(tmp_path: Path) -> dict[str, list[list[str]]]:
 def test_import_torch_autoloads_the_installed_double_unless_lazy(tmp_path):
     code = "import sys, torch; print('habana_frameworks.torch' in sys.modules)"
     env = _double_env(tmp_path, track=False)
-    for extra, loaded in (({}, "True"), ({"PT_HPU_LAZY_MODE": "1"}, "False"), ({"PT_HPU_AUTOLOAD": "0"}, "False"),
-                          ({"PT_HPU_LAZY_MODE": "1", "PT_HPU_AUTOLOAD": "1"}, "True")):
+    for extra, loaded in (
+        ({}, "True"),
+        ({"PT_HPU_LAZY_MODE": "1"}, "False"),
+        ({"PT_HPU_AUTOLOAD": "0"}, "False"),
+        ({"PT_HPU_LAZY_MODE": "1", "PT_HPU_AUTOLOAD": "1"}, "True"),
+    ):
         out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
         assert out.stdout.strip() == loaded, (extra, out.stderr[-2000:])
 
 
-HPU_RUN = {"backend.name": "hpu", "backend.gaudi_config": "null", "train.precision": "bf16", "train.zero_stage": 1,
-           "train.micro_batch_size": 8, "train.gradient_accumulation_steps": 2, "eval.every_steps": 1000,
-           "eval.max_samples": 16, "eval.retrieval_samples": 0, "data.num_workers": 0}
+HPU_RUN = {
+    "backend.name": "hpu",
+    "backend.gaudi_config": "null",
+    "train.precision": "bf16",
+    "train.zero_stage": 1,
+    "train.micro_batch_size": 8,
+    "train.gradient_accumulation_steps": 2,
+    "eval.every_steps": 1000,
+    "eval.max_samples": 16,
+    "eval.retrieval_samples": 0,
+    "data.num_workers": 0,
+}
 
 
 def _train_args(shards, run_dir, **overrides) -> list[str]:
@@ -350,8 +384,19 @@ def _train_args(shards, run_dir, **overrides) -> list[str]:
 def _mpirun(tmp_path, args, env):
     bin_dir = Path(sys.executable).parent
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
-    cmd = ["bash", str(REPO / "launch" / "mpirun_gaudi.sh"), "--cards-per-node", "2", "--no-bind",
-           "--master-port", str(free_port()), "--python", sys.executable, "--", *args]
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "mpirun_gaudi.sh"),
+        "--cards-per-node",
+        "2",
+        "--no-bind",
+        "--master-port",
+        str(free_port()),
+        "--python",
+        sys.executable,
+        "--",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
@@ -363,8 +408,9 @@ DEEPSPEED_READS_PER_STEP = {"0.19": (4, ()), "0.16": (0, ("deepspeed-0.16",))}
 
 
 @pytest.mark.parametrize("deepspeed_version", sorted(DEEPSPEED_READS_PER_STEP))
-def test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_steps(demo_shards, tmp_path,
-                                                                                    deepspeed_version):
+def test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_steps(
+    demo_shards, tmp_path, deepspeed_version
+):
     """The production settings (bf16, ZeRO-1, accumulation 2, lazy mode) on 2 ranks through
     launch/mpirun_gaudi.sh: mark_step after every backward and every optimizer micro-step, no float64 or
     64-bit reduction of ours (the double raises), and no host read of ours on non-logging steps: every
@@ -372,9 +418,11 @@ def test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_s
     own are counted."""
     expected_deepspeed_reads, overlays = DEEPSPEED_READS_PER_STEP[deepspeed_version]
     run = tmp_path / "run"
-    result = _mpirun(tmp_path, _train_args(demo_shards, run, **{
-        "train.max_steps": 6, "logging.every_steps": 3, "checkpoint.every_steps": 6}),
-        _double_env(tmp_path, *overlays))
+    result = _mpirun(
+        tmp_path,
+        _train_args(demo_shards, run, **{"train.max_steps": 6, "logging.every_steps": 3, "checkpoint.every_steps": 6}),
+        _double_env(tmp_path, *overlays),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "rendezvous 127.0.0.1:" in result.stdout
     events = _events(tmp_path)
@@ -387,8 +435,9 @@ def test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_s
         assert ours and [stack for _, stack in ours if not allowed & set(stack.split("/"))] == []
         marks = [e[2] for e in rows if e[0] == "mark_step" and e[1] == "gaudi_pretrain"]
         assert marks == ["after_backward", "after_optimizer_step"] * (6 * 2), marks[:8]
-        deepspeed_in_step = sum(1 for e in rows if e[0] == "host_sync" and e[1] == "deepspeed"
-                                and "train_step" in e[3].split("/"))
+        deepspeed_in_step = sum(
+            1 for e in rows if e[0] == "host_sync" and e[1] == "deepspeed" and "train_step" in e[3].split("/")
+        )
         assert deepspeed_in_step == 6 * expected_deepspeed_reads, deepspeed_in_step
         hccl = [e for e in rows if e[0] == "hccl_env"]
         assert hccl and hccl[0][3] == rank  # HLS_MODULE_ID = local rank: the card of this rank
@@ -399,8 +448,14 @@ def test_training_under_mpirun_against_the_double_reads_the_device_only_at_log_s
 
 
 def _train(env, shards, run_dir, *extra, **overrides):
-    return subprocess.run([sys.executable, "-m", "gaudi_pretrain", "train", *_train_args(shards, run_dir, **overrides),
-                           *extra], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gaudi_pretrain", "train", *_train_args(shards, run_dir, **overrides), *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("deepspeed_version, stage", [("0.19", 1), ("0.19", 2), ("0.16", 1), ("0.16", 2)])
@@ -413,8 +468,13 @@ def test_fused_adamw_under_zero_trains_saves_and_resumes(demo_shards, tmp_path, 
     env = _double_env(tmp_path, *overlays)
     gaudi_config = _gaudi_config(tmp_path, use_fused_adam=True, use_fused_clip_norm=True, use_torch_autocast=True)
     run = tmp_path / "run"
-    common = {"backend.gaudi_config": gaudi_config, "train.zero_stage": stage, "train.max_steps": 4,
-              "checkpoint.every_steps": 2, "logging.every_steps": 1}
+    common = {
+        "backend.gaudi_config": gaudi_config,
+        "train.zero_stage": stage,
+        "train.max_steps": 4,
+        "checkpoint.every_steps": 2,
+        "logging.every_steps": 1,
+    }
     first = _train(env, demo_shards, run, **{**common, "train.max_steps": 2})
     assert first.returncode == 0, first.stderr[-4000:]
     resumed = _train(env, demo_shards, run, "--resume", "auto", **common)
@@ -439,10 +499,17 @@ def test_a_mode_mismatch_stops_train_in_one_line(demo_shards, tmp_path):
     assert exported.stderr.strip().splitlines()[-1] == (
         "gaudi-pretrain train: error: PT_HPU_LAZY_MODE=0 was set before Python started but the config needs "
         "PT_HPU_LAZY_MODE=1 (backend.hpu_lazy_mode): unset it, or change the config (launch/*.sh export it "
-        "from the config)")
-    code = ("import sys, torch; from gaudi_pretrain.cli import main; sys.exit(main(sys.argv[1:]))")
-    torch_first = subprocess.run([sys.executable, "-c", code, "train", *_train_args(demo_shards, run, **{
-        "train.max_steps": 1})], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        "from the config)"
+    )
+    code = "import sys, torch; from gaudi_pretrain.cli import main; sys.exit(main(sys.argv[1:]))"
+    torch_first = subprocess.run(
+        [sys.executable, "-c", code, "train", *_train_args(demo_shards, run, **{"train.max_steps": 1})],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert torch_first.returncode == 2, torch_first.stderr[-3000:]
     assert "the Gaudi bridge runs in eager (+ torch.compile) mode" in torch_first.stderr.strip().splitlines()[-1]
     assert not (run / "checkpoints").exists()
@@ -453,10 +520,30 @@ def test_eager_compile_mode_trains_compiled_without_mark_step(demo_shards, tmp_p
     eager mode, the model is compiled with hpu_backend, no mark_step is issued; the 1.22 bridge's lazy-mode
     warning is not printed (it is in lazy runs: see the mpirun test's stderr)."""
     run = tmp_path / "run"
-    result = subprocess.run(["bash", str(REPO / "launch" / "run.sh"), "--python", sys.executable, "--",
-                             *_train_args(demo_shards, run, **{"backend.hpu_lazy_mode": "false", "model.dropout": 0,
-                                                               "train.max_steps": 2, "logging.every_steps": 1})],
-                            capture_output=True, text=True, cwd=REPO, env=_double_env(tmp_path, track=False), timeout=600)
+    result = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "run.sh"),
+            "--python",
+            sys.executable,
+            "--",
+            *_train_args(
+                demo_shards,
+                run,
+                **{
+                    "backend.hpu_lazy_mode": "false",
+                    "model.dropout": 0,
+                    "train.max_steps": 2,
+                    "logging.every_steps": 1,
+                },
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_double_env(tmp_path, track=False),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [e for events in _events(tmp_path).values() for e in events]
     imports = [e for e in rows if e[0] == "import"]
@@ -488,18 +575,40 @@ def test_pmi_launch_across_nodes_rendezvous_at_rank_0_and_each_rank_takes_its_ca
     run = tmp_path / "run"
     env = _double_env(tmp_path, track=False)
     env.update(PT_HPU_LAZY_MODE="1", MASTER_PORT=str(free_port()))
-    forwarded = [arg for name in ("PYTHONPATH", "GAUDI_PRETRAIN_HPU_DEVICE", "HPU_DOUBLE_LOG", "PT_HPU_LAZY_MODE",
-                                  "MASTER_PORT", "OMP_NUM_THREADS") for arg in ("-x", name)]
+    forwarded = [
+        arg
+        for name in (
+            "PYTHONPATH",
+            "GAUDI_PRETRAIN_HPU_DEVICE",
+            "HPU_DOUBLE_LOG",
+            "PT_HPU_LAZY_MODE",
+            "MASTER_PORT",
+            "OMP_NUM_THREADS",
+        )
+        for arg in ("-x", name)
+    ]
     mpirun = str(Path(sys.executable).parent / "mpirun")
-    cmd = [mpirun, "-n", "2", "--oversubscribe", "--bind-to", "none", *forwarded,
-           *(["--allow-run-as-root"] if os.geteuid() == 0 else []), str(wrapper), "-m", "gaudi_pretrain", "train",
-           *_train_args(demo_shards, run, **{"train.max_steps": 2, "checkpoint.every_steps": 2})]
+    cmd = [
+        mpirun,
+        "-n",
+        "2",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        *forwarded,
+        *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+        str(wrapper),
+        "-m",
+        "gaudi_pretrain",
+        "train",
+        *_train_args(demo_shards, run, **{"train.max_steps": 2, "checkpoint.every_steps": 2}),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("rendezvous "))
+    line = next(x for x in result.stdout.splitlines() if x.startswith("rendezvous "))
     assert "(pmi)" in line and not line.startswith(("rendezvous 127.", "rendezvous localhost")), line
     events = _events(tmp_path)
     assert sorted(events) == ["0", "1"]
-    for rank, rows in events.items():
+    for rows in events.values():
         (hccl,) = [e for e in rows if e[0] == "hccl_env"]
         assert hccl[1] != "localhost" and hccl[3] == "0", hccl  # each rank: local rank 0 of its node, its card

@@ -8,10 +8,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -20,11 +20,15 @@ IS_ROOT = os.geteuid() == 0
 
 def _run(script: str, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """A launcher run with a clean Gaudi environment; `gaudi-pretrain launch-env` runs in this venv's Python."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PT_HPU_", "HCCL_", "HABANA_")) and k not in ("MASTER_ADDR", "MASTER_PORT", "MPI_ROOT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PT_HPU_", "HCCL_", "HABANA_")) and k not in ("MASTER_ADDR", "MASTER_PORT", "MPI_ROOT")
+    }
     env.update(PYTHON=sys.executable, **(env_extra or {}))
-    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=60)
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+    )
 
 
 def _split(stdout: str) -> tuple[dict[str, str], list[str]]:
@@ -42,22 +46,58 @@ def _exports(cmd: list[str]) -> list[str]:
 
 
 def test_mpirun_multi_node_dry_run():
-    out = _run("mpirun_gaudi.sh", "--dry-run", "--nodes", "2", "--cards-per-node", "8", "--hostfile",
-               "launch/hostfile.example", "--master-addr", "10.0.0.1", "--cores-per-socket", "40", "--sockets", "2",
-               "--ompi-major", "4", "--", "--config", "configs/bridgetower_large.yaml",
-               env_extra={"PT_HPU_RECIPE_CACHE_CONFIG": "/tmp/cache,false,1024", "HCCL_SOCKET_IFNAME": "ens1f0"})
+    out = _run(
+        "mpirun_gaudi.sh",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--cards-per-node",
+        "8",
+        "--hostfile",
+        "launch/hostfile.example",
+        "--master-addr",
+        "10.0.0.1",
+        "--cores-per-socket",
+        "40",
+        "--sockets",
+        "2",
+        "--ompi-major",
+        "4",
+        "--",
+        "--config",
+        "configs/bridgetower_large.yaml",
+        env_extra={"PT_HPU_RECIPE_CACHE_CONFIG": "/tmp/cache,false,1024", "HCCL_SOCKET_IFNAME": "ens1f0"},
+    )
     assert out.returncode == 0, out.stderr
     env, cmd = _split(out.stdout)
     assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29500"
     assert env["PT_HPU_LAZY_MODE"] == "1" and env["PYTHONPATH"].split(":")[0] == str(REPO)  # the preset is lazy
     assert env["PT_HPU_RECIPE_CACHE_CONFIG"] == "/tmp/cache,false,1024"
     assert env["HCCL_SOCKET_IFNAME"] == "ens1f0"
-    expected_head = ["mpirun", "-n", "16", "--hostfile", "launch/hostfile.example", "--bind-to", "core",
-                     "--map-by", "ppr:4:socket:PE=10", "--rank-by", "slot", "--report-bindings"]
+    expected_head = [
+        "mpirun",
+        "-n",
+        "16",
+        "--hostfile",
+        "launch/hostfile.example",
+        "--bind-to",
+        "core",
+        "--map-by",
+        "ppr:4:socket:PE=10",
+        "--rank-by",
+        "slot",
+        "--report-bindings",
+    ]
     assert cmd[: len(expected_head)] == expected_head
     assert ("--allow-run-as-root" in cmd) is IS_ROOT
-    assert _exports(cmd) == ["MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "PT_HPU_LAZY_MODE", "HCCL_SOCKET_IFNAME",
-                             "PT_HPU_RECIPE_CACHE_CONFIG"]
+    assert _exports(cmd) == [
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "PYTHONPATH",
+        "PT_HPU_LAZY_MODE",
+        "HCCL_SOCKET_IFNAME",
+        "PT_HPU_RECIPE_CACHE_CONFIG",
+    ]
     assert cmd[-6:] == [sys.executable, "-m", "gaudi_pretrain", "train", "--config", "configs/bridgetower_large.yaml"]
 
 
@@ -75,10 +115,31 @@ TWO_NODES = {
 def test_mpirun_two_gaudi_nodes_dry_run(case):
     ompi, extra = TWO_NODES[case]
     image_env = {"MPI_ROOT": "/opt/habanalabs/openmpi", "GC_KERNEL_PATH": "/usr/lib/habanalabs/libtpc_kernels.so"}
-    out = _run("mpirun_gaudi.sh", "--dry-run", "--nodes", "2", "--hostfile", "launch/hostfile.example",
-               "--ssh-port", "3022", "--tcp-if", "10.3.0.0/16", "--ifname", "eth0", "--ompi-major", ompi,
-               "--cores-per-socket", "48", "--sockets", "2", "--", "--config", "configs/bridgetower_large.yaml",
-               "backend.hpu_lazy_mode=false", env_extra=image_env)
+    out = _run(
+        "mpirun_gaudi.sh",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--hostfile",
+        "launch/hostfile.example",
+        "--ssh-port",
+        "3022",
+        "--tcp-if",
+        "10.3.0.0/16",
+        "--ifname",
+        "eth0",
+        "--ompi-major",
+        ompi,
+        "--cores-per-socket",
+        "48",
+        "--sockets",
+        "2",
+        "--",
+        "--config",
+        "configs/bridgetower_large.yaml",
+        "backend.hpu_lazy_mode=false",
+        env_extra=image_env,
+    )
     assert out.returncode == 0, out.stderr
     env, cmd = _split(out.stdout)
     assert env["PT_HPU_LAZY_MODE"] == "0"  # the config's mode (eager + torch.compile), exported to every rank
@@ -92,8 +153,20 @@ def test_mpirun_two_gaudi_nodes_dry_run(case):
 
 
 def test_mpirun_single_node_dry_run():
-    out = _run("mpirun_gaudi.sh", "--dry-run", "--cards-per-node", "8", "--cores-per-socket", "40", "--sockets", "2",
-               "--", "--config", "configs/bridgetower_large.yaml", "train.micro_batch_size=8")
+    out = _run(
+        "mpirun_gaudi.sh",
+        "--dry-run",
+        "--cards-per-node",
+        "8",
+        "--cores-per-socket",
+        "40",
+        "--sockets",
+        "2",
+        "--",
+        "--config",
+        "configs/bridgetower_large.yaml",
+        "train.micro_batch_size=8",
+    )
     assert out.returncode == 0, out.stderr
     env, cmd = _split(out.stdout)
     assert env["MASTER_ADDR"] == "127.0.0.1"
@@ -116,8 +189,10 @@ def test_launchers_export_the_config_mode_and_refuse_another(script):
     assert "PT_HPU_LAZY_MODE=0" in ok.stdout
     refused = _run(script, "--dry-run", *args, *train, env_extra={"PT_HPU_LAZY_MODE": "0"})
     assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.strip() == (f"{script}: PT_HPU_LAZY_MODE=0 is exported here but the run config needs "
-                                      "PT_HPU_LAZY_MODE=1 (unset it, or change the config)")
+    assert refused.stderr.strip() == (
+        f"{script}: PT_HPU_LAZY_MODE=0 is exported here but the run config needs "
+        "PT_HPU_LAZY_MODE=1 (unset it, or change the config)"
+    )
     bad = _run(script, "--dry-run", *args, *train, "train.micro_bach_size=8")
     assert bad.returncode == 2 and "unknown config key 'train.micro_bach_size'" in bad.stderr
 
@@ -125,27 +200,44 @@ def test_launchers_export_the_config_mode_and_refuse_another(script):
 def test_mpirun_pe_from_lscpu_and_master_from_hostfile():
     if shutil.which("lscpu") is None:
         pytest.skip("lscpu not installed")
-    out = _run("mpirun_gaudi.sh", "--dry-run", "--nodes", "2", "--hostfile", "launch/hostfile.example", "--",
-               "--config", "configs/tiny.yaml")
+    out = _run(
+        "mpirun_gaudi.sh",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--hostfile",
+        "launch/hostfile.example",
+        "--",
+        "--config",
+        "configs/tiny.yaml",
+    )
     assert out.returncode == 0, out.stderr
     env, cmd = _split(out.stdout)
     assert env["MASTER_ADDR"] == "gaudi-node-0"  # first host of the hostfile
     # expected from lscpu's parsable output (the script reads its summary): physical cores per socket
     # divided among ceil(8 cards / sockets) ranks per socket, at least 1
-    pairs = {line for line in subprocess.run(["lscpu", "-p=CORE,SOCKET"], capture_output=True, text=True,
-                                             check=True).stdout.splitlines() if line and not line.startswith("#")}
+    pairs = {
+        line
+        for line in subprocess.run(
+            ["lscpu", "-p=CORE,SOCKET"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if line and not line.startswith("#")
+    }
     sockets = len({pair.split(",")[1] for pair in pairs})
     expected = max(1, len(pairs) // sockets // -(-8 // sockets))
     ranks_per_socket = -(-8 // sockets)
     assert f"ppr:{ranks_per_socket}:socket:PE={expected}" in cmd, (cmd, pairs)  # across nodes: procs per socket
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--nodes", "2", "--cores-per-socket", "4", "--sockets", "1"], "needs --hostfile"),
-    (["--hostfile", "nope.txt"], "hostfile not found"),
-    (["--bogus"], "unknown option"),
-    (["--nodes", "zero"], "positive integer"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--nodes", "2", "--cores-per-socket", "4", "--sockets", "1"], "needs --hostfile"),
+        (["--hostfile", "nope.txt"], "hostfile not found"),
+        (["--bogus"], "unknown option"),
+        (["--nodes", "zero"], "positive integer"),
+    ],
+)
 def test_mpirun_argument_errors(args, message):
     out = _run("mpirun_gaudi.sh", "--dry-run", *args)
     assert out.returncode == 2 and message in out.stderr
@@ -153,18 +245,41 @@ def test_mpirun_argument_errors(args, message):
 
 def test_deepspeed_multinode_dry_run():
     existed = (REPO / ".deepspeed_env").exists()
-    out = _run("deepspeed_multinode.sh", "--dry-run", "--hostfile", "launch/hostfile.example", "--ssh-port", "3022",
-               "--", "--config", "configs/bridgetower_large.yaml",
-               env_extra={"GC_KERNEL_PATH": "/usr/lib/habanalabs/libtpc_kernels.so", "HABANA_LOGS": "/var/log/habana_logs"})
+    out = _run(
+        "deepspeed_multinode.sh",
+        "--dry-run",
+        "--hostfile",
+        "launch/hostfile.example",
+        "--ssh-port",
+        "3022",
+        "--",
+        "--config",
+        "configs/bridgetower_large.yaml",
+        env_extra={"GC_KERNEL_PATH": "/usr/lib/habanalabs/libtpc_kernels.so", "HABANA_LOGS": "/var/log/habana_logs"},
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     env_lines = lines[1:-1]
     # DeepSpeed's launcher forwards only PYTHON* variables and .deepspeed_env lines to other nodes
-    assert env_lines == ["DS_ACCELERATOR=hpu", f"PYTHONPATH={REPO}", "PT_HPU_LAZY_MODE=1",
-                         "GC_KERNEL_PATH=/usr/lib/habanalabs/libtpc_kernels.so", "HABANA_LOGS=/var/log/habana_logs"]
+    assert env_lines == [
+        "DS_ACCELERATOR=hpu",
+        f"PYTHONPATH={REPO}",
+        "PT_HPU_LAZY_MODE=1",
+        "GC_KERNEL_PATH=/usr/lib/habanalabs/libtpc_kernels.so",
+        "HABANA_LOGS=/var/log/habana_logs",
+    ]
     cmd = shlex.split(lines[-1])
-    assert cmd[:9] == ["deepspeed", "--hostfile", "launch/hostfile.example", "--num_nodes", "2", "--num_gpus", "8",
-                       "--master_addr", "gaudi-node-0"]
+    assert cmd[:9] == [
+        "deepspeed",
+        "--hostfile",
+        "launch/hostfile.example",
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "8",
+        "--master_addr",
+        "gaudi-node-0",
+    ]
     assert "--no_local_rank" in cmd  # our CLI takes no --local_rank argument
     assert cmd[cmd.index("--ssh_port") + 1] == "3022"
     assert cmd[-5:] == ["--module", "gaudi_pretrain", "train", "--config", "configs/bridgetower_large.yaml"]
@@ -220,7 +335,7 @@ def _pip_installs(run_args: str) -> list[list[str]]:
         else:
             current.append(tok)
     commands.append(current)
-    return [c[i + 2:] for c in commands for i in range(len(c) - 1) if c[i].endswith("pip") and c[i + 1] == "install"]
+    return [c[i + 2 :] for c in commands for i in range(len(c) - 1) if c[i].endswith("pip") and c[i + 1] == "install"]
 
 
 def _requirement_names(args: list[str]) -> list[str]:
@@ -248,9 +363,10 @@ def test_gaudi_dockerfile_base_and_args():
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for kind, a in ins if kind == "ARG" and "=" in a}
     assert args["GAUDI_VERSION"] == "1.22.0" and args["TORCH_VERSION"] == "2.7.1"
     (base,) = [a for kind, a in ins if kind == "FROM"]
-    assert base == ("vault.habana.ai/gaudi-docker/${GAUDI_VERSION}/ubuntu22.04/habanalabs/"
-                    "pytorch-installer-${TORCH_VERSION}:latest")
-    after_from = [a for kind, a in ins[[k for k, _ in ins].index("FROM"):] if kind == "ARG"]
+    assert base == (
+        "vault.habana.ai/gaudi-docker/${GAUDI_VERSION}/ubuntu22.04/habanalabs/pytorch-installer-${TORCH_VERSION}:latest"
+    )
+    after_from = [a for kind, a in ins[[k for k, _ in ins].index("FROM") :] if kind == "ARG"]
     assert "GAUDI_VERSION" in after_from  # re-declared after FROM, or ${GAUDI_VERSION} is empty in RUN
     cmd = [a for kind, a in ins if kind == "CMD"][-1]
     assert cmd == '["launch/run.sh", "--", "--config", "/config/run.yaml"]'  # exports the config's mode first
@@ -323,13 +439,40 @@ def test_two_rank_cpu_training_through_mpirun_gaudi(demo_shards, tmp_path):
     env = cli_env()
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     binding = [] if _physical_cores() >= 2 else ["--no-bind"]  # core binding needs a core per rank
-    overrides = tiny_overrides(demo_shards, run_dir, **{
-        "train.max_steps": 4, "train.micro_batch_size": 16, "logging.sample_log": "true",
-        "checkpoint.every_steps": 4, "eval.max_samples": 32, "eval.retrieval_samples": 0})
+    overrides = tiny_overrides(
+        demo_shards,
+        run_dir,
+        **{
+            "train.max_steps": 4,
+            "train.micro_batch_size": 16,
+            "logging.sample_log": "true",
+            "checkpoint.every_steps": 4,
+            "eval.max_samples": 32,
+            "eval.retrieval_samples": 0,
+        },
+    )
     result = subprocess.run(
-        ["bash", str(LAUNCH / "mpirun_gaudi.sh"), "--cards-per-node", "2", "--master-port", str(free_port()),
-         "--python", sys.executable, *binding, "--", "--config", "configs/tiny.yaml", *overrides],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        [
+            "bash",
+            str(LAUNCH / "mpirun_gaudi.sh"),
+            "--cards-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "--python",
+            sys.executable,
+            *binding,
+            "--",
+            "--config",
+            "configs/tiny.yaml",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     if not binding:
         assert "bound to" in result.stderr + result.stdout  # --report-bindings: ranks were pinned to cores

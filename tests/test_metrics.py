@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,14 +51,24 @@ def test_step_metrics_are_reduced_over_ranks_and_skipped_steps_are_dropped(tmp_p
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]  # every rank logs the same numbers
     # 4 applied micro-steps over both ranks: losses 1, 2 (rank 0) and 2, 3 (rank 1); the NaN step is gone
-    assert results[0]["means"] == pytest.approx({"loss": 2.0, "mlm_loss": 1.5, "itm_loss": 0.5,
-                                                 "mlm_acc": 17 / 41, "itm_acc": 6 / 8})
+    assert results[0]["means"] == pytest.approx(
+        {"loss": 2.0, "mlm_loss": 1.5, "itm_loss": 0.5, "mlm_acc": 17 / 41, "itm_acc": 6 / 8}
+    )
     assert results[0]["sums"] == [1.5, 7.0]
     assert results[0]["next"] == {k: None for k in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc")}

@@ -25,9 +25,17 @@ VOCAB, L, S = 99, 16, 32
 def model_tiny_cfg(**kw) -> ModelConfig:
     """3 uni-modal layers, 2 cross layers (split_index 2: one link tower per side), 17 image tokens."""
     base = dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        text=dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
-                  intermediate_size=128, max_position_embeddings=L + 2),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        text=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=L + 2,
+        ),
         vision=dict(hidden_size=64, num_hidden_layers=3, patch_size=8, image_size=S),
     )
     base.update(kw)
@@ -63,8 +71,13 @@ def model_batch(b: int = 4, seed: int = 1, negatives: bool = True) -> dict[str, 
     index[0] = 0  # one positive
     itm_labels = (index == torch.arange(b)).long()
     batch = dict(
-        pixel_values=torch.randn(b, 3, S, S, generator=g), input_ids=ids, attention_mask=mask,
-        mlm_input_ids=mlm_ids, mlm_labels=labels, itm_image_index=index, itm_labels=itm_labels,
+        pixel_values=torch.randn(b, 3, S, S, generator=g),
+        input_ids=ids,
+        attention_mask=mask,
+        mlm_input_ids=mlm_ids,
+        mlm_labels=labels,
+        itm_image_index=index,
+        itm_labels=itm_labels,
         sample_mask=torch.ones(b, dtype=torch.bool),
     )
     # padding row: pad ids, empty mask, no targets
@@ -81,13 +94,16 @@ def model_and_reference(cfg: ModelConfig):
     """Ours (randomised) + transformers' ForMaskedLM and ForImageAndTextRetrieval with the same weights."""
     from transformers import BridgeTowerForImageAndTextRetrieval, BridgeTowerForMaskedLM
 
-    from gaudi_pretrain.model.hf_io import to_hf_config
+    from gaudi_pretrain.model.hf_convert import to_hf_config
 
     ours = BridgeTowerForPretraining(cfg)
     model_randomize(ours, seed=int(torch.randint(0, 10_000, ())))
     hf_cfg = to_hf_config(cfg)
     refs = []
-    for cls, other_head in ((BridgeTowerForMaskedLM, "itm_score."), (BridgeTowerForImageAndTextRetrieval, "mlm_score.")):
+    for cls, other_head in (
+        (BridgeTowerForMaskedLM, "itm_score."),
+        (BridgeTowerForImageAndTextRetrieval, "mlm_score."),
+    ):
         ref = cls(hf_cfg)
         result = ref.load_state_dict(ours.state_dict(), strict=False)
         assert result.missing_keys == []
@@ -104,7 +120,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_state_dict_names_are_transformers_names():
     from transformers import BridgeTowerForImageAndTextRetrieval, BridgeTowerForMaskedLM
 
-    from gaudi_pretrain.model.hf_io import to_hf_config
+    from gaudi_pretrain.model.hf_convert import to_hf_config
 
     cfg = model_tiny_cfg(itc_heads=True)
     hf_cfg = to_hf_config(cfg)
@@ -115,6 +131,34 @@ def test_state_dict_names_are_transformers_names():
     ours = BridgeTowerForPretraining(cfg)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in union.items()}
     ours.load_state_dict(union, strict=True)  # no key map
+
+
+@torch.no_grad()
+def test_fresh_init_follows_transformers_bridgetower_init():
+    """A model trained from scratch starts where transformers' BridgeTower starts: tensor by tensor, the
+    same spread (normal(0, 0.05) weights; CLIP's width/depth scheme in the visual tower, whose position
+    embeddings at W^-0.5 are what lets a fresh tower learn where things are) and the same constants."""
+    from transformers import BridgeTowerForMaskedLM
+
+    from gaudi_pretrain.model.hf_convert import to_hf_config
+
+    cfg = model_tiny_cfg(hidden_size=128, text={**model_tiny_cfg().text.model_dump(), "hidden_size": 128})
+    cfg = ModelConfig.model_validate({**cfg.model_dump(), "vision": {**cfg.vision.model_dump(), "hidden_size": 128}})
+    torch.manual_seed(0)
+    theirs = dict(BridgeTowerForMaskedLM(to_hf_config(cfg)).named_parameters())
+    ours = dict(BridgeTowerForPretraining(cfg).named_parameters())
+    spread = {}
+    for name, want in theirs.items():
+        got = ours[name]
+        if want.numel() >= 64 and float(want.std()) > 0:
+            # two samples' stds: allow 4 standard errors of their ratio (about 1/sqrt(numel)) plus 3%
+            spread[name] = (float(got.std() / want.std()), 4 * want.numel() ** -0.5 + 0.03)
+        else:  # LayerNorm 1/0, zero biases
+            assert torch.equal(got.unique(), want.unique()), name
+    off = {n: round(r, 2) for n, (r, tol) in spread.items() if abs(r - 1) > tol}
+    assert len(spread) > 50 and not off, off
+    std = float(ours["bridgetower.vision_model.visual.embeddings.position_embedding.weight"].std())
+    assert std == pytest.approx(128**-0.5, rel=0.1)
 
 
 @torch.no_grad()
@@ -166,10 +210,18 @@ def test_pretraining_step_equals_two_full_forwards():
     batch = model_batch()
     out = ours(batch)
 
-    mlm = ref_mlm(input_ids=batch["mlm_input_ids"], attention_mask=batch["attention_mask"],
-                  pixel_values=batch["pixel_values"], labels=batch["mlm_labels"])
-    itm = ref_itm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  pixel_values=batch["pixel_values"][batch["itm_image_index"]], labels=batch["itm_labels"])
+    mlm = ref_mlm(
+        input_ids=batch["mlm_input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=batch["mlm_labels"],
+    )
+    itm = ref_itm(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"][batch["itm_image_index"]],
+        labels=batch["itm_labels"],
+    )
     assert rel_err(out.mlm_loss, mlm.loss) <= 1e-5
     assert rel_err(out.itm_loss, itm.loss) <= 1e-5
     valid = batch["sample_mask"]
@@ -212,8 +264,11 @@ def _layer_runs(model, batch) -> tuple[torch.Tensor, dict[str, int]]:
     runs: Counter = Counter()
     # pre-hooks: a recomputation stops early inside the last layer of a checkpointed region, once every
     # saved tensor is back, so that layer's post-forward hook would not fire
-    hooks = [m.register_forward_pre_hook(lambda mod, args: runs.update([type(mod).__name__]))
-             for m in model.modules() if isinstance(m, (ResidualAttentionBlock, TextLayer, CrossLayer))]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: runs.update([type(mod).__name__]))
+        for m in model.modules()
+        if isinstance(m, (ResidualAttentionBlock, TextLayer, CrossLayer))
+    ]
     try:
         out = model(batch)
         out.loss.backward()
@@ -258,20 +313,21 @@ def test_attention_hook_and_eager_path():
         calls.append((q.shape, None if attn_mask is None else (attn_mask.shape, attn_mask.dtype), dropout_p))
         return attn_mod.eager_attention(q, k, v, attn_mask, dropout_p)
 
-    attn_mod.set_attention_fn(recording)
-    try:
-        hooked = model(batch).mlm_logits
-    finally:
-        attn_mod.set_attention_fn(None)
-    assert attn_mod.get_attention_fn() is attn_mod.sdpa_attention
+    hooked_model = BridgeTowerForPretraining(cfg, attention_fn=recording).eval()
+    hooked_model.load_state_dict(model.state_dict())
+    hooked = hooked_model(batch).mlm_logits
     assert rel_err(hooked, ref) <= 1e-5
     # vision 3 layers + text 3 layers × 1 + cross 2 layers × 2 streams × 2 attentions
     assert len(calls) == 3 + 3 + 2 * 2 * 2
     masks = [m for _, m, _ in calls if m is not None]
     assert masks and all(shape[1:3] == (1, 1) and dtype == torch.float32 for shape, dtype in masks)
-    eager = BridgeTowerForPretraining(model_tiny_cfg(attention="eager")).eval()
+    # the kernel belongs to the model it was built into: no process-wide state
+    calls.clear()
+    model(batch)
+    eager = BridgeTowerForPretraining(model_tiny_cfg(attention="eager"), attention_fn=recording).eval()
     eager.load_state_dict(model.state_dict())
     assert rel_err(eager(batch).mlm_logits, ref) <= 1e-5
+    assert calls == []  # model.attention=eager is the reference path: a backend kernel never replaces it
 
 
 @torch.no_grad()
@@ -394,7 +450,7 @@ def test_no_device_libraries():
         for pattern in (r"torch\.cuda", r"habana_frameworks", r"\bdeepspeed\b", r"\.cuda\("):
             assert not re.search(pattern, text), f"{name} mentions {pattern}"
     code = (
-        "import sys, gaudi_pretrain.model, gaudi_pretrain.model.pretraining, gaudi_pretrain.model.hf_io;"
+        "import sys, gaudi_pretrain.model, gaudi_pretrain.model.pretraining, gaudi_pretrain.model.factory;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'habana_frameworks', 'transformers')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

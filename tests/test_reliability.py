@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli_env, read_jsonl, run_cli, sample_log, tiny_overrides, torchrun, write_tar
 
 pytestmark = pytest.mark.timeout(600)
@@ -31,8 +30,13 @@ QUIET = {"logging.every_steps": 1, "eval.every_steps": 100_000, "checkpoint.ever
 
 def _train(shards_root, run_dir, *extra, env=None, ranks=1, **overrides):
     """The real `gaudi_pretrain train` (torchrun with gloo when ranks=2); eval off unless asked for."""
-    values = {"data.eval_shards": "[]", "train.micro_batch_size": MICRO, "logging.sample_log": "true",
-              **QUIET, **overrides}
+    values = {
+        "data.eval_shards": "[]",
+        "train.micro_batch_size": MICRO,
+        "logging.sample_log": "true",
+        **QUIET,
+        **overrides,
+    }
     args = ["train", "--config", "configs/tiny.yaml", *tiny_overrides(shards_root, run_dir, **values), *extra]
     return run_cli(args, env=env, launcher=torchrun() if ranks == 2 else None, timeout=400)
 
@@ -77,9 +81,11 @@ def _corrupt_image(parts: dict[str, bytes], kind: int) -> dict[str, bytes]:
 def _drop_caption(parts: dict[str, bytes], kind: int) -> dict[str, bytes]:
     """No caption anywhere: no .txt and a .json without one / an empty .txt / only the image."""
     meta = {k: v for k, v in json.loads(parts["json"]).items() if k != "caption"}
-    return [{"jpg": parts["jpg"], "json": json.dumps(meta).encode()},
-            {"jpg": parts["jpg"], "txt": b"  \n", "json": json.dumps(meta).encode()},
-            {"jpg": parts["jpg"]}][kind % 3]
+    return [
+        {"jpg": parts["jpg"], "json": json.dumps(meta).encode()},
+        {"jpg": parts["jpg"], "txt": b"  \n", "json": json.dumps(meta).encode()},
+        {"jpg": parts["jpg"]},
+    ][kind % 3]
 
 
 def _truncated_tar(path: Path, samples, cut_sample: int, metadata: str | None, between_members: bool = False) -> None:
@@ -158,16 +164,19 @@ def test_fault_injected_shards_train_one_epoch_and_skips_are_counted_exactly(dem
     assert sorted(sample_log(run, 0)) == list(range(steps))
 
 
-@pytest.mark.parametrize("metadata, between_members, planned, skipped", [
-    # no metadata: the header scan stops where the data ends, like the reader; sample 25, cut inside its
-    # image, and everything after it are not in the plan (nothing can be known about them)
-    (None, False, 25, 0),
-    # no metadata, cut after sample 25's image member: sample 25 is planned, has no caption: skipped
-    (None, True, 26, 1),
-    # our stats file declares 40 and the full size: 25 read in full, the cut one + 14 lost are skipped
-    ("ours", False, 40, 15),
-    ("img2dataset", False, 40, 15),  # img2dataset's `successes` is trusted the same way
-])
+@pytest.mark.parametrize(
+    "metadata, between_members, planned, skipped",
+    [
+        # no metadata: the header scan stops where the data ends, like the reader; sample 25, cut inside its
+        # image, and everything after it are not in the plan (nothing can be known about them)
+        (None, False, 25, 0),
+        # no metadata, cut after sample 25's image member: sample 25 is planned, has no caption: skipped
+        (None, True, 26, 1),
+        # our stats file declares 40 and the full size: 25 read in full, the cut one + 14 lost are skipped
+        ("ours", False, 40, 15),
+        ("img2dataset", False, 40, 15),  # img2dataset's `successes` is trusted the same way
+    ],
+)
 def test_truncated_tar_counts_follow_its_metadata(demo_shards, tmp_path, metadata, between_members, planned, skipped):
     from gaudi_pretrain.config import load_config
     from gaudi_pretrain.data.pipeline import build_loader
@@ -175,8 +184,10 @@ def test_truncated_tar_counts_follow_its_metadata(demo_shards, tmp_path, metadat
 
     samples = _demo_samples(demo_shards, 40)
     _truncated_tar(tmp_path / "00000.tar", samples, cut_sample=25, metadata=metadata, between_members=between_members)
-    cfg = load_config("configs/tiny.yaml", [f"data.train_shards=['{tmp_path}']", "data.num_workers=0",
-                                            f"train.micro_batch_size={MICRO}"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"data.train_shards=['{tmp_path}']", "data.num_workers=0", f"train.micro_batch_size={MICRO}"],
+    )
     loader = build_loader(cfg, load_tokenizer(str(demo_shards / "tokenizer")))
     assert loader.samples_per_epoch == planned
     it = iter(loader)
@@ -192,14 +203,23 @@ def test_rank_whose_shards_are_all_bad_runs_the_same_steps(demo_shards, tmp_path
     shards = tmp_path / "shards"
     shards.mkdir()
     _write_tar(shards / "good.tar", samples[:48])
-    bad = [(key, _corrupt_image(parts, i) if i % 2 else _drop_caption(parts, i))
-           for i, (key, parts) in enumerate(samples[48:])]
+    bad = [
+        (key, _corrupt_image(parts, i) if i % 2 else _drop_caption(parts, i))
+        for i, (key, parts) in enumerate(samples[48:])
+    ]
     _write_tar(shards / "bad.tar", bad)
     run = tmp_path / "run"
     epochs, per_epoch = 2, 48 // MICRO
-    result = _train(demo_shards, run, ranks=2, **{
-        "data.train_shards": f"['{shards}']", "train.max_steps": epochs * per_epoch,
-        "checkpoint.every_steps": epochs * per_epoch})
+    result = _train(
+        demo_shards,
+        run,
+        ranks=2,
+        **{
+            "data.train_shards": f"['{shards}']",
+            "train.max_steps": epochs * per_epoch,
+            "checkpoint.every_steps": epochs * per_epoch,
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [sample_log(run, r) for r in (0, 1)]
     good = sorted(k for k, _ in samples[:48])
@@ -261,7 +281,7 @@ def test_kill_9_of_one_rank_mid_epoch_then_resume_uses_every_sample_once(demo_sh
     assert sorted(used) == keys, "over the epoch every sample key is used exactly once across ranks"
 
     records = _train_records(run)
-    after = records[len(before):]
+    after = records[len(before) :]
     assert [r["step"] for r in after] == list(range(3, steps + 1)), "step numbering continues from the checkpoint"
     assert all(math.isfinite(r["loss"]) for r in records)
     assert after[0]["loss"] == pytest.approx(before[3], abs=1e-5), "the re-run step 3 is the same step"
@@ -272,12 +292,20 @@ def test_kill_9_of_one_rank_mid_epoch_then_resume_uses_every_sample_once(demo_sh
 
 SAVE_KILL_CHAINS = {
     # kill point, resumed from, `latest` after the kill, partial directory left behind
-    "before_the_barrier": ([("save_engine:2", None, None, "step_00000002"),  # DeepSpeed's files only
-                            ("mid_save:4", None, "step_00000002", "step_00000004")],  # + the rank json
-                           "step_00000002"),
-    "rank0_files": ([("save_weights:4", None, "step_00000002", "step_00000004"),  # + weights, config
-                     ("before_latest:6", "step_00000002", "step_00000004", None)],  # complete, unpublished
-                    "step_00000004"),
+    "before_the_barrier": (
+        [
+            ("save_engine:2", None, None, "step_00000002"),  # DeepSpeed's files only
+            ("mid_save:4", None, "step_00000002", "step_00000004"),
+        ],  # + the rank json
+        "step_00000002",
+    ),
+    "rank0_files": (
+        [
+            ("save_weights:4", None, "step_00000002", "step_00000004"),  # + weights, config
+            ("before_latest:6", "step_00000002", "step_00000004", None),
+        ],  # complete, unpublished
+        "step_00000004",
+    ),
 }
 
 
@@ -287,8 +315,8 @@ def test_crash_during_checkpoint_save_never_picks_a_partial_directory(demo_shard
     client_state | latest; two points per chain), resuming each time: `latest` always names a complete
     checkpoint, which loads, and a partial directory is never picked (auto, explicit path, export)."""
     from gaudi_pretrain.errors import CheckpointError
-    from gaudi_pretrain.model.hf_io import resolve_checkpoint_dir
-    from gaudi_pretrain.train.checkpoint import read_client_state, resolve_checkpoint, verify_files
+    from gaudi_pretrain.train.checkpoint import read_client_state, verify_files
+    from gaudi_pretrain.train.checkpoint_dirs import resolve_checkpoint
 
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
@@ -306,7 +334,7 @@ def test_crash_during_checkpoint_save_never_picks_a_partial_directory(demo_shard
         else:
             assert (ckpts / "latest").read_text().strip() == latest
             assert resolve_checkpoint("auto", run) == ckpts / latest
-            assert resolve_checkpoint_dir(run) == ckpts / latest
+            assert resolve_checkpoint(str(run)) == ckpts / latest  # export-hf / eval naming the run
             verify_files(ckpts / latest, read_client_state(ckpts / latest))
         if partial:
             assert (ckpts / partial).is_dir() and not (ckpts / partial / "client_state.json").exists()
@@ -328,7 +356,7 @@ def test_publish_prunes_and_resaving_a_step_first_unpublishes_it(tmp_path):
     """`publish` points `latest` at the new checkpoint, keeps `keep_last` complete ones and drops older
     partial ones; `prepare_tag` (a resumed run reaching a saved step again) moves `latest` to the previous
     complete checkpoint before it deletes the old directory, so no crash can leave a mixed one published."""
-    from gaudi_pretrain.train.checkpoint import CLIENT_STATE, prepare_tag, publish, read_latest
+    from gaudi_pretrain.train.checkpoint_dirs import CLIENT_STATE, prepare_tag, publish, read_pointer
 
     root = tmp_path / "checkpoints"
 
@@ -343,12 +371,22 @@ def test_publish_prunes_and_resaving_a_step_first_unpublishes_it(tmp_path):
     make(5, complete=False)  # a save that died
     make(8, complete=False)  # another one, newer than the published tag: maybe in progress, kept
     publish(root, "step_00000006", keep_last=2)
-    assert read_latest(root) == root / "step_00000006"
+    assert read_pointer(root) == root / "step_00000006"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008"]
     prepare_tag(root, "step_00000006")
-    assert read_latest(root) == root / "step_00000004" and not (root / "step_00000006").exists()
+    assert read_pointer(root) == root / "step_00000004" and not (root / "step_00000006").exists()
     prepare_tag(root, "step_00000004")  # nothing complete before it: `latest` goes, nothing names a mix
-    assert read_latest(root) is None and not (root / "step_00000004").exists()
+    assert read_pointer(root) is None and not (root / "step_00000004").exists()
+
+    # `best` is published with its save and never pruned; re-saving its step drops the pointer first
+    for step in (10, 12, 14):
+        make(step)
+        publish(root, f"step_{step:08d}", keep_last=1, best=step == 10)
+    assert read_pointer(root, "best") == root / "step_00000010"
+    # the partial step 8 is older than the published tags: gone; 12 is pruned by keep_last, 10 kept as best
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000010", "step_00000014"]
+    prepare_tag(root, "step_00000010")
+    assert not (root / "best").exists() and read_pointer(root) == root / "step_00000014"
 
 
 # ------------------------------------------------------------------------------- 4. non-finite
@@ -356,16 +394,27 @@ def test_publish_prunes_and_resaving_a_step_first_unpublishes_it(tmp_path):
 
 # fp32 ZeRO-0: the loop clips and checks; bf16 (ZeRO-0, and ZeRO-1 as in the presets): DeepSpeed clips.
 @pytest.mark.parametrize("precision, zero_stage", [("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 3)])
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state(demo_shards, tmp_path,
-                                                                                       precision, zero_stage):
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state(
+    demo_shards, tmp_path, precision, zero_stage
+):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
     env = _fault_env("nan_grad:2,nan_loss:5-")  # step 2: finite loss, NaN gradients; 5 on: NaN loss
-    result = _train(demo_shards, run, env=env, **{
-        "data.train_shards": f"['{demo_shards}/train/00003.tar']", "train.precision": precision,
-        "train.zero_stage": zero_stage, "train.max_steps": 10, "train.max_consecutive_nonfinite": 3, "checkpoint.every_steps": 1,
-        "checkpoint.keep_last": 10})
+    result = _train(
+        demo_shards,
+        run,
+        env=env,
+        **{
+            "data.train_shards": f"['{demo_shards}/train/00003.tar']",
+            "train.precision": precision,
+            "train.zero_stage": zero_stage,
+            "train.max_steps": 10,
+            "train.max_consecutive_nonfinite": 3,
+            "checkpoint.every_steps": 1,
+            "checkpoint.keep_last": 10,
+        },
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -383,8 +432,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good
     optim = {s: _optimizer_state(run / "checkpoints" / f"step_{s:08d}") for s in range(1, 8)}
 
     def same(a, b):
-        return (all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
-                and optim[a].keys() == optim[b].keys() and all(_equal(optim[a][k], optim[b][k]) for k in optim[a]))
+        return (
+            all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+            and optim[a].keys() == optim[b].keys()
+            and all(_equal(optim[a][k], optim[b][k]) for k in optim[a])
+        )
 
     assert same(1, 2), "the skipped step 2 changed a weight, an Adam moment, the step count or the schedule"
     assert not same(2, 3), "step 3 trained again"
@@ -434,17 +486,29 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(demo_shards
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    result = _train(demo_shards, run, env=_fault_env("nan_grad:2@1"), ranks=2, **{
-        "train.precision": "bf16", "train.zero_stage": 1, "train.max_steps": 4, "checkpoint.every_steps": 1,
-        "checkpoint.keep_last": 10})
+    result = _train(
+        demo_shards,
+        run,
+        env=_fault_env("nan_grad:2@1"),
+        ranks=2,
+        **{
+            "train.precision": "bf16",
+            "train.zero_stage": 1,
+            "train.max_steps": 4,
+            "checkpoint.every_steps": 1,
+            "checkpoint.keep_last": 10,
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = _train_records(run)
     assert [r["nonfinite_steps"] for r in records] == [0, 1, 1, 1]
     assert [r["loss"] is None for r in records] == [False, True, False, False]
     ckpts = run / "checkpoints"
     for step in range(1, 5):
-        digests = {json.loads((ckpts / f"step_{step:08d}" / f"rank_{r:05d}.json").read_text())["weights_sha256"]
-                   for r in (0, 1)}
+        digests = {
+            json.loads((ckpts / f"step_{step:08d}" / f"rank_{r:05d}.json").read_text())["weights_sha256"]
+            for r in (0, 1)
+        }
         assert len(digests) == 1, f"ranks diverged at step {step}"
     weights = {s: load_file(str(ckpts / f"step_{s:08d}" / "model.safetensors")) for s in (1, 2, 3)}
     assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "step 2 changed weights"
@@ -462,31 +526,56 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], tuple[s
     (tmp / "bad.yaml").write_text("train: [unclosed\n")
     (tmp / "typo.yaml").write_text("optim:\n  learning_rate: 0.1\n")
     return {
-        "missing_shard_path": ([], {"data.train_shards": f"['{tmp}/nowhere/00000.tar']"},
-                               ("data.train_shards", f"{tmp}/nowhere/00000.tar")),
-        "empty_glob": ([], {"data.train_shards": f"['{tmp}/empty/*.tar']"},
-                       ("data.train_shards", f"{tmp}/empty/*.tar")),
+        "missing_shard_path": (
+            [],
+            {"data.train_shards": f"['{tmp}/nowhere/00000.tar']"},
+            ("data.train_shards", f"{tmp}/nowhere/00000.tar"),
+        ),
+        "empty_glob": (
+            [],
+            {"data.train_shards": f"['{tmp}/empty/*.tar']"},
+            ("data.train_shards", f"{tmp}/empty/*.tar"),
+        ),
         "missing_eval_shards": ([], {"data.eval_shards": f"['{tmp}/gone/*.tar']"}, ("data.eval_shards", f"{tmp}/gone")),
         "config_missing": (["--config", f"{tmp}/nope.yaml"], {}, (f"{tmp}/nope.yaml",)),
         "config_unparsable": (["--config", f"{tmp}/bad.yaml"], {}, (f"{tmp}/bad.yaml", "not valid YAML at line")),
         "unknown_key": ([], {"train.micro_bach_size": "8"}, ("train.micro_bach_size", "train.micro_batch_size")),
         "unknown_key_in_file": (["--config", f"{tmp}/typo.yaml"], {}, ("optim.learning_rate",)),
         "wrong_type": ([], {"train.max_steps": "many"}, ("train.max_steps", "'many'")),
-        "global_batch_not_divisible": ([], {"train.global_batch_size": "40"},
-                                       ("train.global_batch_size 40", "micro_batch_size 64 x world size 1")),
+        "global_batch_not_divisible": (
+            [],
+            {"train.global_batch_size": "40"},
+            ("train.global_batch_size 40", "micro_batch_size 64 x world size 1"),
+        ),
         "image_not_multiple_of_patch": ([], {"model.vision.image_size": "36"}, ("image_size 36", "patch_size 8")),
-        "text_longer_than_positions": ([], {"data.max_text_len": "64"},
-                                       ("data.max_text_len 64", "max_position_embeddings")),
+        "text_longer_than_positions": (
+            [],
+            {"data.max_text_len": "64"},
+            ("data.max_text_len 64", "max_position_embeddings"),
+        ),
         "unwritable_output_dir": ([], {"train.output_dir": f"{tmp}/afile/run"}, ("train.output_dir", f"{tmp}/afile")),
-        "pipe_url": ([], {"data.train_shards": f"['pipe:touch {tmp}/pwned']"},
-                     ("data.train_shards", "pipe:", "allow_pipe_urls")),
+        "pipe_url": (
+            [],
+            {"data.train_shards": f"['pipe:touch {tmp}/pwned']"},
+            ("data.train_shards", "pipe:", "allow_pipe_urls"),
+        ),
     }
 
 
 BAD_INPUT_IDS = [
-    "missing_shard_path", "empty_glob", "missing_eval_shards", "config_missing", "config_unparsable", "unknown_key",
-    "unknown_key_in_file", "wrong_type", "global_batch_not_divisible", "image_not_multiple_of_patch",
-    "text_longer_than_positions", "unwritable_output_dir", "pipe_url",
+    "missing_shard_path",
+    "empty_glob",
+    "missing_eval_shards",
+    "config_missing",
+    "config_unparsable",
+    "unknown_key",
+    "unknown_key_in_file",
+    "wrong_type",
+    "global_batch_not_divisible",
+    "image_not_multiple_of_patch",
+    "text_longer_than_positions",
+    "unwritable_output_dir",
+    "pipe_url",
 ]
 
 
@@ -494,8 +583,13 @@ BAD_INPUT_IDS = [
 def test_bad_input_is_one_clear_line_exit_2_and_nothing_written(demo_shards, tmp_path, case):
     extra, overrides, needles = _bad_inputs(tmp_path)[case]
     run = tmp_path / "run"
-    args = ["train", "--config", "configs/tiny.yaml",
-            *tiny_overrides(demo_shards, run, **{"data.eval_shards": "[]", **overrides}), *extra]
+    args = [
+        "train",
+        "--config",
+        "configs/tiny.yaml",
+        *tiny_overrides(demo_shards, run, **{"data.eval_shards": "[]", **overrides}),
+        *extra,
+    ]
     result = run_cli(args, timeout=120)
     _assert_bad_input(result, Path(overrides.get("train.output_dir", run)), *needles)
     assert not (tmp_path / "pwned").exists()
@@ -533,8 +627,15 @@ def _record_size(ckpt: Path, name: str) -> None:
 def finished_run(demo_shards, tmp_path_factory):
     """A 2-step single-rank run with its checkpoint at step 2 (copied by the tests that tamper with it)."""
     run = tmp_path_factory.mktemp("secure") / "run"
-    result = _train(demo_shards, run, **{"data.train_shards": f"['{demo_shards}/train/00003.tar']",
-                                         "train.max_steps": 2, "checkpoint.every_steps": 2})
+    result = _train(
+        demo_shards,
+        run,
+        **{
+            "data.train_shards": f"['{demo_shards}/train/00003.tar']",
+            "train.max_steps": 2,
+            "checkpoint.every_steps": 2,
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -548,8 +649,40 @@ def _copy_run(finished_run: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _resume(demo_shards, run):
-    return _train(demo_shards, run, "--resume", "auto", **{
-        "data.train_shards": f"['{demo_shards}/train/00003.tar']", "train.max_steps": 4, "checkpoint.every_steps": 2})
+    return _train(
+        demo_shards,
+        run,
+        "--resume",
+        "auto",
+        **{
+            "data.train_shards": f"['{demo_shards}/train/00003.tar']",
+            "train.max_steps": 4,
+            "checkpoint.every_steps": 2,
+        },
+    )
+
+
+def test_export_and_eval_refuse_an_interrupted_save_naming_the_last_complete_one(finished_run, tmp_path, capsys):
+    """One checkpoint resolver: a directory whose save died before client_state.json is refused by
+    export-hf and eval (not only by resume), in one line naming the last complete checkpoint; nothing is
+    written."""
+    import shutil
+
+    from gaudi_pretrain.cli import main
+
+    run, ckpt = _copy_run(finished_run, tmp_path)
+    partial = run / "checkpoints" / "step_00000004"
+    shutil.copytree(ckpt, partial)
+    (partial / "client_state.json").unlink()  # model.safetensors and config.yaml are there, as after a crash
+    for argv in (["export-hf", str(partial), str(tmp_path / "hf")], ["eval", str(partial)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{partial} is an incomplete checkpoint" in err and f"the last complete one is {ckpt}" in err, err
+    assert not (tmp_path / "hf").exists()
+    # the run directory still resolves to its published checkpoint
+    assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_resume_never_unpickles_code_from_a_checkpoint(demo_shards, finished_run, tmp_path):
@@ -572,9 +705,18 @@ def test_resume_with_another_optimizer_layout_is_one_clear_line(demo_shards, fin
     bare assertion deep inside); the resume says which setting changed and what to do instead."""
     run, ckpt = _copy_run(finished_run, tmp_path)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    result = _train(demo_shards, run, "--resume", "auto", **{
-        "data.train_shards": f"['{demo_shards}/train/00003.tar']", "train.max_steps": 4,
-        "checkpoint.every_steps": 2, f"train.{key}": value})
+    result = _train(
+        demo_shards,
+        run,
+        "--resume",
+        "auto",
+        **{
+            "data.train_shards": f"['{demo_shards}/train/00003.tar']",
+            "train.max_steps": 4,
+            "checkpoint.every_steps": 2,
+            f"train.{key}": value,
+        },
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -621,7 +763,7 @@ def test_checkpoint_files_must_be_exactly_the_ones_written(finished_run, tmp_pat
 
 def test_weight_imports_refuse_pickled_code(tmp_path):
     from gaudi_pretrain.errors import CheckpointError
-    from gaudi_pretrain.model.hf_io import read_state_dict
+    from gaudi_pretrain.model.hf_convert import read_state_dict
 
     marker = tmp_path / "pwned"
     _plant_pickle(tmp_path / "pytorch_model.bin", marker)
@@ -641,8 +783,10 @@ def test_every_weight_load_in_the_package_is_weights_only():
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
-            weights_only = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                               for k in node.keywords)
+            weights_only = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             owner = ast.unparse(node.func.value)
             where = f"{path.relative_to(package)}:{node.lineno}"
             if node.func.attr == "load" and owner == "torch":
@@ -652,8 +796,8 @@ def test_every_weight_load_in_the_package_is_weights_only():
     assert loads and pretrained
     assert all(ok for _, ok in loads), loads
     assert all(ok for _, ok in pretrained), pretrained
-    loop = (package / "train" / "loop.py").read_text()
-    assert "with weights_only_torch_load():\n        load_path, _ = ctx.engine.load_checkpoint(" in loop
+    restore = (package / "train" / "checkpoint.py").read_text()
+    assert "with weights_only_torch_load():\n        load_path, _ = ctx.engine.load_checkpoint(" in restore
 
 
 def test_shell_running_shard_urls_are_refused_unless_enabled(demo_shards, tmp_path, monkeypatch):
@@ -665,8 +809,13 @@ def test_shell_running_shard_urls_are_refused_unless_enabled(demo_shards, tmp_pa
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("WDS_SNEAKY", f"pipe:touch {marker}")
-    for spec in (f"pipe:touch {marker}", f"PIPE:touch {marker}", f"  pipe:touch {marker}", "${SNEAKY}",
-                 f"{{pipe:touch {marker},x}}"):
+    for spec in (
+        f"pipe:touch {marker}",
+        f"PIPE:touch {marker}",
+        f"  pipe:touch {marker}",
+        "${SNEAKY}",
+        f"{{pipe:touch {marker},x}}",
+    ):
         with pytest.raises(DataError, match="pipe: URL, which runs a shell command.*allow_pipe_urls"):
             resolve_shards([spec])
     with pytest.raises(DataError, match="unsupported URL scheme 'javascript:'"):
@@ -675,8 +824,15 @@ def test_shell_running_shard_urls_are_refused_unless_enabled(demo_shards, tmp_pa
     # explicitly enabled, a pipe: URL is a working shard source
     shard = demo_shards / "train" / "00003.tar"
     assert resolve_shards([f"pipe:cat {shard}"], allow_pipe_urls=True) == [f"pipe:cat {shard}"]
-    cfg = load_config("configs/tiny.yaml", [f"data.train_shards=['pipe:cat {shard}']", "data.allow_pipe_urls=true",
-                                            "data.num_workers=0", f"train.micro_batch_size={MICRO}"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"data.train_shards=['pipe:cat {shard}']",
+            "data.allow_pipe_urls=true",
+            "data.num_workers=0",
+            f"train.micro_batch_size={MICRO}",
+        ],
+    )
     loader = build_loader(cfg, load_tokenizer(str(demo_shards / "tokenizer")))
     assert loader.samples_per_epoch == 180 and len([k for k in next(iter(loader))["keys"] if k]) == MICRO
 
@@ -687,9 +843,8 @@ def test_paths_named_in_files_or_data_cannot_leave_their_directory(demo_shards, 
     from gaudi_pretrain.data.shards import resolve_shards
     from gaudi_pretrain.data.tokenizer import load_tokenizer
     from gaudi_pretrain.errors import CheckpointError, DataError, PathError
-    from gaudi_pretrain.model.hf_io import resolve_checkpoint_dir
     from gaudi_pretrain.paths import confined
-    from gaudi_pretrain.train.checkpoint import resolve_checkpoint
+    from gaudi_pretrain.train.checkpoint_dirs import resolve_checkpoint
 
     root = tmp_path / "root"
     assert confined(root, "samples", "rank_00000.log") == root / "samples" / "rank_00000.log"
@@ -708,7 +863,7 @@ def test_paths_named_in_files_or_data_cannot_leave_their_directory(demo_shards, 
         with pytest.raises(CheckpointError, match="not a checkpoint tag"):
             resolve_checkpoint("auto", run)
         with pytest.raises(CheckpointError, match="not a checkpoint tag"):
-            resolve_checkpoint_dir(run)
+            resolve_checkpoint(str(run))
 
     # a manifest cannot list shards outside its directory
     shards = tmp_path / "shards"
@@ -723,8 +878,10 @@ def test_paths_named_in_files_or_data_cannot_leave_their_directory(demo_shards, 
     names = ["../../evil", "/abs/evil", "ok/../../up", "ctl\x07key", "sub dir/with space", "plain"]
     (shards / "manifest.json").unlink()
     _write_tar(shards / "keys.tar", [(name, parts) for name, (_, parts) in zip(names, samples)])
-    cfg = load_config("configs/tiny.yaml", [f"data.train_shards=['{shards}']", "data.num_workers=0",
-                                            f"train.micro_batch_size={MICRO}"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"data.train_shards=['{shards}']", "data.num_workers=0", f"train.micro_batch_size={MICRO}"],
+    )
     batch = next(iter(build_loader(cfg, load_tokenizer(str(demo_shards / "tokenizer")))))
     assert sorted(k for k in batch["keys"] if k) == ["plain", "sub dir/with space"]
     assert int(batch["skipped"]) == 4
@@ -742,10 +899,19 @@ def test_soak_two_ranks_2000_steps_memory_flat_and_throughput_steady(demo_shards
     windows, so a noisy neighbour on a shared CI machine does not decide it)."""
     steps, every = 2000, 50
     run = tmp_path / "soak"
-    result = _train(demo_shards, run, ranks=2, **{
-        "data.train_shards": f"['{demo_shards}/train/*.tar']", "train.max_steps": steps,
-        "train.micro_batch_size": 8, "logging.every_steps": every, "logging.sample_log": "false",
-        "checkpoint.every_steps": 500})
+    result = _train(
+        demo_shards,
+        run,
+        ranks=2,
+        **{
+            "data.train_shards": f"['{demo_shards}/train/*.tar']",
+            "train.max_steps": steps,
+            "train.micro_batch_size": 8,
+            "logging.every_steps": every,
+            "logging.sample_log": "false",
+            "checkpoint.every_steps": 500,
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = _train_records(run)
     assert [r["step"] for r in records] == list(range(every, steps + 1, every))
@@ -753,13 +919,21 @@ def test_soak_two_ranks_2000_steps_memory_flat_and_throughput_steady(demo_shards
     figures = {"steps": steps, "windows_after_warmup": len(warm)}
     for key in ("rss_gib", "rss_with_workers_gib"):
         base, peak = warm[0][key], max(r[key] for r in warm)
-        figures[key] = {"after_warmup_mib": round(base * 1024, 1), "peak_mib": round(peak * 1024, 1),
-                        "final_mib": round(warm[-1][key] * 1024, 1), "growth": round(peak / base - 1, 4)}
+        figures[key] = {
+            "after_warmup_mib": round(base * 1024, 1),
+            "peak_mib": round(peak * 1024, 1),
+            "final_mib": round(warm[-1][key] * 1024, 1),
+            "growth": round(peak / base - 1, 4),
+        }
     sps = [r["samples_per_s"] for r in warm]
     half = len(sps) // 2
     first, second = statistics.median(sps[:half]), statistics.median(sps[half:])
-    figures["samples_per_s"] = {"first_half_median": round(first, 1), "second_half_median": round(second, 1),
-                                "min": round(min(sps), 1), "max": round(max(sps), 1)}
+    figures["samples_per_s"] = {
+        "first_half_median": round(first, 1),
+        "second_half_median": round(second, 1),
+        "min": round(min(sps), 1),
+        "max": round(max(sps), 1),
+    }
     print("soak:", json.dumps(figures))
     (tmp_path / "soak_figures.json").write_text(json.dumps(figures, indent=1))
     assert figures["rss_gib"]["growth"] < 0.05, figures

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import (
     assert_ranks_disjoint_and_in_sync,
     cli_env,
@@ -78,8 +76,9 @@ def test_resume_after_kill_is_deterministic(demo_shards, tmp_path):
 
 def test_two_ranks_torchrun_disjoint_data_identical_weights(demo_shards, tmp_path):
     run_dir = tmp_path / "ddp"
-    result = _train(demo_shards, run_dir, launcher=torchrun(), **{**COMMON, "train.max_steps": 4,
-                                                                "checkpoint.every_steps": 4})
+    result = _train(
+        demo_shards, run_dir, launcher=torchrun(), **{**COMMON, "train.max_steps": 4, "checkpoint.every_steps": 4}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_ranks_disjoint_and_in_sync(run_dir, steps=4, micro_batch=16)
 
@@ -105,8 +104,12 @@ def test_bf16_zero_1_and_3_resume_exactly_and_agree(demo_shards, tmp_path):
     (so resume verifies it) and the export holds the whole model."""
     from safetensors.torch import load_file
 
-    overrides = {**COMMON, "train.micro_batch_size": 8, "train.gradient_accumulation_steps": 2,
-                 "train.precision": "bf16"}
+    overrides = {
+        **COMMON,
+        "train.micro_batch_size": 8,
+        "train.gradient_accumulation_steps": 2,
+        "train.precision": "bf16",
+    }
     losses, exports = {}, {}
     for stage in (1, 3):
         launcher = torchrun()
@@ -122,6 +125,7 @@ def test_bf16_zero_1_and_3_resume_exactly_and_agree(demo_shards, tmp_path):
         for rank in range(2):
             assert sample_log(straight, rank) == sample_log(resumed, rank)
         losses[stage], exports[stage] = a, load_file(str(resumed / "hf" / "model.safetensors"))
+        assert_exports_are_the_fp32_masters(resumed, "step_00000006")
 
     assert losses[3][1] == pytest.approx(losses[1][1], abs=1e-6)  # same weights, same first batch
     for step in range(2, 7):
@@ -145,6 +149,126 @@ def test_bf16_zero_1_and_3_resume_exactly_and_agree(demo_shards, tmp_path):
     assert min(cosines.values()) > 0.95, sorted(cosines.items(), key=lambda kv: kv[1])[:5]
     assert float(torch.nn.functional.cosine_similarity(d1, d3, dim=0)) > 0.999
     assert float(d3.norm() / d1.norm()) == pytest.approx(1.0, abs=0.01)
+
+
+def assert_exports_are_the_fp32_masters(run_dir, tag):
+    """model.safetensors of checkpoint `tag` and the run's transformers export hold the optimizer's fp32
+    master weights, as DeepSpeed's own consolidation reads them from the ZeRO partitions; config.json
+    records that the run trained in bf16."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from gaudi_pretrain.utils import unwrapped_state
+
+    reference = unwrapped_state(get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag))
+    _assert_same_weights(reference, run_dir, tag)
+
+
+def _assert_same_weights(reference, run_dir, tag):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "checkpoints" / tag / "model.safetensors"))
+    exported = load_file(str(run_dir / "hf" / "model.safetensors"))
+    assert saved.keys() == exported.keys() == reference.keys()
+    for name, want in reference.items():
+        assert want.dtype == torch.float32 and saved[name].dtype == torch.float32, name
+        assert float((saved[name] - want).abs().max()) <= 1e-7, name
+        assert float((exported[name] - want).abs().max()) <= 1e-7, name
+    # the masters are not the bf16 working copies: most tensors hold values bf16 cannot represent
+    off_grid = [n for n, w in reference.items() if not torch.equal(w, w.to(torch.bfloat16).float())]
+    assert len(off_grid) > len(reference) // 2, len(off_grid)
+    config = json.loads((run_dir / "hf" / "config.json").read_text())
+    assert config["gaudi_pretrain"] == {
+        "trained_precision": "bf16",
+        "weights": "fp32 optimizer master weights",
+        "step": int(tag.removeprefix("step_")),
+    }
+
+
+def test_bf16_zero_2_and_zero_0_exports_hold_the_fp32_masters(demo_shards, tmp_path):
+    """The stages the resume test above does not run: ZeRO-2 on 2 ranks (checked against DeepSpeed's
+    get_fp32_state_dict_from_zero_checkpoint, as ZeRO 1 and 3 are above) and ZeRO-0, whose layout DeepSpeed's
+    script does not read ("is not a zero checkpoint"): there the reference is the optimizer's own fp32
+    masters in its checkpoint file — 0.16's BF16_Optimizer partition cut by its slice map, or 0.19's
+    FP16_Optimizer (bf16) per-param fp32 tensors named by the checkpoint's param_shapes."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    overrides = {**COMMON, "train.max_steps": 2, "checkpoint.every_steps": 2, "train.precision": "bf16"}
+    zero2 = tmp_path / "zero2"
+    result = _train(demo_shards, zero2, launcher=torchrun(), **overrides, **{"train.zero_stage": 2})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exports_are_the_fp32_masters(zero2, "step_00000002")
+
+    zero0 = tmp_path / "zero0"
+    result = _train(demo_shards, zero0, **overrides, **{"train.zero_stage": 0})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = zero0 / "checkpoints" / "step_00000002"
+    # DeepSpeed's script reads no ZeRO-0 layout: 0.16 says so, 0.19 trips over its absent param_shapes
+    with pytest.raises((ValueError, TypeError), match="is not a zero checkpoint|NoneType"):
+        get_fp32_state_dict_from_zero_checkpoint(str(zero0 / "checkpoints"), tag="step_00000002")
+    model_states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shapes = {k: v.shape for k, v in model_states["module"].items()}
+    reference = {}
+    bf16_optimizer_files = list(ckpt.glob("bf16_zero_pp_rank_0_*optim_states.pt"))
+    if bf16_optimizer_files:  # DeepSpeed 0.16: BF16_Optimizer, one flat fp32 partition per group
+        optim = torch.load(bf16_optimizer_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, slices in zip(optim["single_partition_of_fp32_groups"], optim["param_slice_mappings"]):
+            for name, address in slices.items():  # one rank: its partition is the whole flat group
+                reference[name] = flat[address.start : address.start + address.numel].view(shapes[name]).clone()
+    else:  # DeepSpeed 0.19: FP16_Optimizer in bf16, one fp32 tensor per param of each group it was given
+        from gaudi_pretrain.config import load_config
+        from gaudi_pretrain.model.factory import build_model
+        from gaudi_pretrain.train.optim import param_groups
+
+        cfg = load_config(ckpt / "config.yaml")
+        groups = param_groups(build_model(cfg.model), cfg.optim)
+        for group, masters in zip(groups, model_states["optimizer"]["fp32_groups"], strict=True):
+            for name, master in zip(group["names"], masters, strict=True):
+                assert master.dtype == torch.float32 and master.shape == shapes[name], name
+                reference[name] = master
+    assert reference.keys() == shapes.keys()
+    from gaudi_pretrain.utils import unwrapped_state
+
+    _assert_same_weights(unwrapped_state(reference), zero0, "step_00000002")
+
+
+def test_best_checkpoint_is_kept_exported_and_throughput_windows_skip_pauses(demo_shards, tmp_path):
+    """The recipe's checkpoint metric: `checkpoints/best` names the checkpoint of the best held-out
+    ITM + MLM accuracy (saved when an evaluation improves, whatever checkpoint.every_steps says), survives
+    keep_last pruning, is what `export-hf RUN --best` exports and is in summary.json. Throughput is
+    measured only over training: a log record's window starts after the last evaluation or save, so an
+    eval at a step that is not a logging step cannot shrink the time of a full window's samples."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    overrides = {
+        **COMMON,
+        "train.max_steps": 10,
+        "logging.every_steps": 4,
+        "eval.every_steps": 3,
+        "checkpoint.every_steps": 10,
+        "checkpoint.keep_last": 1,
+    }
+    result = _train(demo_shards, run, **overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(run / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 9, 10]
+    best = max(evals, key=lambda r: (r["itm_acc"] + r["mlm_acc"], -r["step"]))
+    tag = f"step_{best['step']:08d}"
+    ckpts = run / "checkpoints"
+    assert (ckpts / "best").read_text().strip() == tag and (ckpts / tag / "client_state.json").is_file()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == sorted({tag, "step_00000010"})  # keep_last=1 + best
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["step"] == best["step"] and summary["best"]["checkpoint"] == str(ckpts / tag)
+    exported = run_cli(["export-hf", str(run), str(tmp_path / "best_hf"), "--best"])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    a, b = load_file(str(ckpts / tag / "model.safetensors")), load_file(str(tmp_path / "best_hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    pauses = {r["step"] for r in evals} | {best["step"], 10}  # evaluations and saves
+    for r in (r for r in records if r["kind"] == "train"):
+        start = max([s for s in pauses | {0, *range(0, r["step"], 4)} if s < r["step"]])
+        assert r["window_steps"] == r["step"] - start, (r["step"], r["window_steps"], start)
 
 
 def _initial_weights(shards, run_dir, overrides) -> dict:
@@ -174,8 +298,9 @@ def test_compiled_training_matches_eager(demo_shards, tmp_path):
     assert sorted(eager) == [1, 2, 3] and compiled == pytest.approx(eager, rel=1e-5), (eager, compiled)
     # The compiled run really ran torch.compile'd graphs, built at step 1 and never rebuilt (static shapes);
     # the eager run compiled nothing.
-    graphs = {c: [r["graph_compiles"] for r in read_jsonl(runs[c] / "metrics.jsonl") if r["kind"] == "train"]
-              for c in runs}
+    graphs = {
+        c: [r["graph_compiles"] for r in read_jsonl(runs[c] / "metrics.jsonl") if r["kind"] == "train"] for c in runs
+    }
     assert graphs[False] == [None] * 3, graphs
     assert graphs[True][0] >= 1 and graphs[True] == [graphs[True][0]] * 3, graphs
     for name in ("hf/model.safetensors", "checkpoints/step_00000003/model.safetensors"):
@@ -184,19 +309,75 @@ def test_compiled_training_matches_eager(demo_shards, tmp_path):
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4, name
 
 
-def test_demo_learns_on_held_out_data(tmp_path):
-    """README command (1): the tiny model learns the demo set, measured on held-out shards.
+# Thresholds of the demo test, from the seeds × threads table in docs/testing.md (see its docstring).
+ITM_MIN, MLM_MIN, R1_MIN_TIMES_CHANCE = 0.85, 0.85, 3
 
-    Thresholds ITM ≥ 0.88, MLM ≥ 0.72 (the issue asks 0.90 / 0.80; see the README's demo section): with
-    no learning, ITM is 0.50 and MLM without the image tops out at 0.65 (function words right, attributes
-    at chance), so both prove cross-modal learning with a wide margin. Matching on color alone caps ITM
-    at 0.92 and MLM at 0.75. Measured at 1,000 steps, seeds 0/1/2/3 (1 thread): ITM 0.906/0.932/0.920/
-    0.920, MLM 0.898/0.775/0.741/0.793 — the thresholds sit 0.02 under the worst seed.
+
+def test_demo_learns_on_held_out_data(tmp_path):
+    """README command (1), run as `make demo` runs it (no thread pin: torch takes the machine's cores), learns
+    the demo set: held-out ITM ≥ ITM_MIN and MLM ≥ MLM_MIN, retrieval above chance, and its transformers
+    export tells captions apart by position, not only by colour.
+
+    Why these numbers (docs/testing.md "Learning on the demo set"): learning nothing gives ITM 0.50 / MLM
+    ≤ 0.65; colour alone caps ITM at 0.92 and MLM at 0.75; colour + position without shape caps them at
+    0.98 / 0.89. Measured over seeds 0–4 × torch threads 1, 2, 4 (and seed 42, this run's, at 2 threads):
+    see DEMO_CELLS below — the thresholds sit under the worst cell by the margins given there.
     """
-    result = run_cli(["demo", "--out", str(tmp_path / "demo")], timeout=900)
+    env = cli_env()
+    env.pop("OMP_NUM_THREADS")
+    result = run_cli(["demo", "--out", str(tmp_path / "demo")], env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"steps", "samples_per_s", "itm_acc", "mlm_acc", "ir_r1", "tr_r1"} <= set(summary)
-    assert summary["itm_acc"] >= 0.88, summary
-    assert summary["mlm_acc"] >= 0.72, summary
-    assert (tmp_path / "demo" / "hf" / "model.safetensors").is_file()
+    assert {"steps", "samples_per_s", "itm_acc", "mlm_acc", "ir_r1", "tr_r1", "r1_chance"} <= set(summary)
+    assert summary["itm_acc"] >= ITM_MIN and summary["mlm_acc"] >= MLM_MIN, summary
+    assert summary["r1_chance"] == pytest.approx(1 / 64, abs=1e-4)
+    assert min(summary["ir_r1"], summary["tr_r1"]) >= R1_MIN_TIMES_CHANCE * summary["r1_chance"], summary
+    probe = attribute_probe(tmp_path / "demo" / "hf")
+    assert probe["itm_color"] >= 0.9 and probe["itm_position"] >= 0.9, probe  # each alone is chance (0.5)
+    assert probe["mlm_color"] >= 0.9 and probe["mlm_position"] >= 0.9, probe
+
+
+@torch.no_grad()
+def attribute_probe(hf_dir, n: int = 128) -> dict[str, float]:
+    """Held-out, through transformers' own classes: ITM accuracy on pairs whose negative caption differs
+    from the true one in exactly one attribute (colour, or one position word), and MLM accuracy on one
+    masked attribute word. Fresh drawings from the demo generator (seed 999, unseen in training)."""
+    import numpy as np
+    from transformers import (
+        AutoTokenizer,
+        BridgeTowerForImageAndTextRetrieval,
+        BridgeTowerForMaskedLM,
+        BridgeTowerImageProcessor,
+    )
+
+    from gaudi_pretrain.data.synthetic import COLORS, draw_sample
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    pixels = BridgeTowerImageProcessor.from_pretrained(hf_dir)
+    itm = BridgeTowerForImageAndTextRetrieval.from_pretrained(hf_dir).eval()
+    mlm = BridgeTowerForMaskedLM.from_pretrained(hf_dir).eval()
+    rng = np.random.default_rng(999)
+    images, captions = zip(*(draw_sample(rng) for _ in range(n)))
+    pix = pixels(list(images), return_tensors="pt")["pixel_values"]
+
+    def encode(texts):
+        return tok(list(texts), padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+
+    flip = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+    words = [c.split() for c in captions]  # "a {colour} {shape} at the {top|bottom} {left|right}"
+    negatives = {
+        "color": [[*w[:1], rng.choice([c for c in COLORS if c != w[1]]), *w[2:]] for w in words],
+        "position": [[*w[:5], flip[w[5]], w[6]] if k % 2 else [*w[:6], flip[w[6]]] for k, w in enumerate(words)],
+    }
+    match_true = itm(**encode(captions), pixel_values=pix).logits.argmax(-1) == 1
+    out = {}
+    for attribute, negative in negatives.items():
+        match_false = itm(**encode(" ".join(w) for w in negative), pixel_values=pix).logits.argmax(-1) == 1
+        out[f"itm_{attribute}"] = float((match_true.float().mean() + (~match_false).float().mean()) / 2)
+    for attribute, word in {"color": 1, "shape": 2, "position": 6}.items():
+        enc = encode(captions)
+        target = enc["input_ids"][:, word + 1].clone()  # one token per word; +1 for <s>
+        enc["input_ids"][:, word + 1] = tok.mask_token_id
+        predicted = mlm(**enc, pixel_values=pix).logits[:, word + 1].argmax(-1)
+        out[f"mlm_{attribute}"] = float((predicted == target).float().mean())
+    return out

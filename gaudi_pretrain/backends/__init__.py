@@ -38,7 +38,9 @@ def select_backend(cfg: BackendConfig | None = None, precision: str = "bf16", ze
     name = detect_backend(cfg) if cfg.name == "auto" else cfg.name
     if name == "hpu":
         if not habana_installed():
-            raise ConfigError("backend.name=hpu but habana_frameworks is not installed (use the Gaudi image, see Dockerfile)")
+            raise ConfigError(
+                "backend.name=hpu but habana_frameworks is not installed (use the Gaudi image, see Dockerfile)"
+            )
         if cfg.name == "hpu" and not HpuBackend.available(cfg):
             raise ConfigError("backend.name=hpu but no Gaudi device is visible (check HABANA_VISIBLE_DEVICES / hl-smi)")
         return HpuBackend(cfg, precision, zero_stage)

@@ -27,7 +27,9 @@ import os
 import random
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ContextManager, Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -85,9 +87,19 @@ class Backend(ABC):
     def dist_backend(self) -> str:
         """torch.distributed backend name: "hccl", "nccl" or "gloo"."""
 
+    def to_device(self, batch: dict[str, Any], float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """A batch's tensors on this device (other values are left out), floating ones cast to
+        `float_dtype` (the parameters' dtype) when given."""
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                out[key] = value.to(float_dtype) if float_dtype is not None and value.is_floating_point() else value
+        return out
+
     # ------------------------------------------------------------------ numerics
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         """Mixed-precision context for forward + loss (never around backward or the optimizer step)."""
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -179,8 +191,13 @@ class Backend(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What was chosen, for the run log."""
-        return {"backend": self.name, "device": str(self.device), "dist_backend": self.dist_backend,
-                "precision": self.precision, "clips_gradients": self.clips_gradients}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "dist_backend": self.dist_backend,
+            "precision": self.precision,
+            "clips_gradients": self.clips_gradients,
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(precision={self.precision!r}, zero_stage={self.zero_stage})"

@@ -1,6 +1,6 @@
 """Intel Gaudi (HPU) backend, written against the Intel Gaudi PyTorch bridge (`habana_frameworks`, Gaudi
 software 1.2x; checked against Intel's published bridge source, HabanaAI/gaudi-pytorch-bridge v1.19.0, and
-docs.habana.ai). Launch and mode rules, and what was verified how: README "Running on Gaudi".
+docs.habana.ai). Launch and mode rules, and what was verified how: docs/launching.md "Running on Gaudi".
 
 Since software 1.18 a bare `import torch` loads the bridge through torch's device-backend autoload
 (docs.habana.ai "PyTorch Autoloading"; bridge `autoload/__init__.py`: skipped in lazy mode unless
@@ -20,8 +20,9 @@ import json
 import os
 import sys
 import warnings
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -80,7 +81,7 @@ class GaudiConfig(BaseModel):
         return tuple(sorted(self.model_extra or {}))
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None) -> "GaudiConfig":
+    def load(cls, path: str | os.PathLike | None) -> GaudiConfig:
         if path is None:
             return cls()
         path = Path(path)
@@ -102,7 +103,8 @@ class GaudiConfig(BaseModel):
                     f"backend.gaudi_config {path}: '{key}' is not supported (the bridge reads autocast op lists "
                     "from PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST / PT_HPU_AUTOCAST_FP32_OPS_LIST files when torch "
                     "is first imported: export those instead; LayerNorm, softmax and the losses already run in "
-                    "fp32 regions)") from None
+                    "fp32 regions)"
+                ) from None
             raise ConfigError(f"backend.gaudi_config {path}: '{key}' must be true or false") from None
 
 
@@ -146,7 +148,9 @@ class HpuBackend(Backend):
         """Before the bridge loads: the config's mode, unless the launcher already exported another one."""
         from gaudi_pretrain import launch_env
 
-        launch_env.apply(self.cfg.model_copy(update={"name": "hpu"}), can_set="habana_frameworks.torch" not in sys.modules)
+        launch_env.apply(
+            self.cfg.model_copy(update={"name": "hpu"}), can_set="habana_frameworks.torch" not in sys.modules
+        )
         os.environ["DS_ACCELERATOR"] = "hpu" if self.device.type == "hpu" else self.device.type
 
     def prepare_environment(self) -> None:
@@ -164,12 +168,15 @@ class HpuBackend(Backend):
                 f"the Gaudi bridge runs in {_mode(actual)} mode ({LAZY_MODE_ENV}="
                 f"{os.environ.get(LAZY_MODE_ENV, 'unset')} when torch was first imported) but the config asks for "
                 f"{_mode(self.lazy)} (backend.hpu_lazy_mode={str(self.lazy).lower()}): export "
-                f"{LAZY_MODE_ENV}={'1' if self.lazy else '0'} before Python starts (launch/*.sh do it)")
+                f"{LAZY_MODE_ENV}={'1' if self.lazy else '0'} before Python starts (launch/*.sh do it)"
+            )
         version = bridge_version()
         if self.lazy and version and version[:2] >= LAZY_LEGACY_SINCE:
             warnings.warn(
                 f"Gaudi software {'.'.join(map(str, version))} runs lazy mode as a legacy fallback (its default is "
-                "eager + torch.compile: backend.hpu_lazy_mode=false)", stacklevel=2)
+                "eager + torch.compile: backend.hpu_lazy_mode=false)",
+                stacklevel=2,
+            )
 
     def _core(self) -> Any:
         if self._htcore is None:
@@ -204,7 +211,7 @@ class HpuBackend(Backend):
 
     # ------------------------------------------------------------------ numerics
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         if self.precision == "bf16" and self.gaudi.use_torch_autocast:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -216,8 +223,13 @@ class HpuBackend(Backend):
         self._core()
         fused = importlib.import_module("habana_frameworks.torch.hpex.optimizers").FusedAdamW
         # eps explicitly: FusedAdamW's default (1e-6) differs from the recipe's and torch's 1e-8.
-        return fused(list(param_groups), lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
-                     weight_decay=kwargs["weight_decay"])
+        return fused(
+            list(param_groups),
+            lr=kwargs["lr"],
+            betas=kwargs["betas"],
+            eps=kwargs["eps"],
+            weight_decay=kwargs["weight_decay"],
+        )
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
         params = list(params)
@@ -245,9 +257,11 @@ class HpuBackend(Backend):
     def compile(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.lazy:
             if self.cfg.compile and not self._warned_compile:
-                warnings.warn("backend.compile is ignored in HPU lazy mode (graphs are built lazily); "
-                              "set backend.hpu_lazy_mode=false for torch.compile(backend='hpu_backend')",
-                              stacklevel=2)
+                warnings.warn(
+                    "backend.compile is ignored in HPU lazy mode (graphs are built lazily); "
+                    "set backend.hpu_lazy_mode=false for torch.compile(backend='hpu_backend')",
+                    stacklevel=2,
+                )
                 self._warned_compile = True
             return model
         self._core()  # registers the "hpu_backend" dynamo backend
@@ -305,8 +319,12 @@ class HpuBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update(lazy_mode=self.lazy, fused_adam=self.gaudi.use_fused_adam,
-                    fused_clip_norm=self.gaudi.use_fused_clip_norm, torch_autocast=self.gaudi.use_torch_autocast)
+        info.update(
+            lazy_mode=self.lazy,
+            fused_adam=self.gaudi.use_fused_adam,
+            fused_clip_norm=self.gaudi.use_fused_clip_norm,
+            torch_autocast=self.gaudi.use_torch_autocast,
+        )
         return info
 
 

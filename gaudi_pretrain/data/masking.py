@@ -6,7 +6,7 @@ worker, batch index), so any batch can be regenerated exactly without saving RNG
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,13 +52,16 @@ def itm_negatives(
     *,
     negative_prob: float,
     rng: np.random.Generator,
+    hard: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair each text row with its own image (positive) or another valid row's image (negative).
 
     Returns (itm_image_index [B], itm_labels [B]): index i / label 1 for a positive, j != i / label 0
     for a negative, i / -100 for an invalid (padding) row. A negative's image is drawn from rows whose
     caption differs from row i's (an identical caption would make the "negative" a true match); if
-    no such row exists the row stays positive.
+    no such row exists the row stays positive. A fraction `hard` of the negatives is drawn only from
+    those whose caption shares the most words with row i's (the negatives a model cannot tell apart by
+    one salient word).
     """
     valid = np.asarray(valid, dtype=bool)
     n = len(valid)
@@ -67,10 +70,16 @@ def itm_negatives(
     want_negative = rng.random(n) < negative_prob
     pick = rng.random(n)  # one uniform per row, used to choose among that row's candidates
     caps = np.asarray(list(captions), dtype=object)
+    # drawn only when used, so hard = 0 leaves the random stream (and every earlier run) unchanged
+    want_hard = rng.random(n) < hard if hard > 0 else np.zeros(n, dtype=bool)
+    words = [set(c.split()) for c in caps] if hard > 0 else None
     for i in np.flatnonzero(valid & want_negative):
         candidates = np.flatnonzero(valid & (caps != caps[i]))
         if len(candidates) == 0:
             continue
+        if words is not None and want_hard[i]:
+            shared = np.array([len(words[i] & words[j]) for j in candidates])
+            candidates = candidates[shared == shared.max()]
         index[i] = candidates[min(int(pick[i] * len(candidates)), len(candidates) - 1)]
         labels[i] = 0
     return index, labels

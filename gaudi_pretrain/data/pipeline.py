@@ -1,40 +1,10 @@
 """Shards → fixed-shape ITM+MLM batches, split exactly across ranks and loader workers, exactly resumable.
 
-Why not `webdataset.WebDataset(...)` end to end: it splits work by whole shards (nodesplitter /
-workersplitter), so with unequal shard sizes ranks get unequal sample counts, and a rank or worker
-that runs dry hangs the collective. Here the split is by sample index instead (webdataset's tar
-conventions and URL opener are kept, see `shards.py`):
-
-1. Plan an epoch (from seed and epoch only): the shard order (a permutation; with `resampled`, shards
-   drawn with replacement up to the same total) → a concatenated sample index range [0, N).
-2. Cut it into P = world_size × workers contiguous ranges of floor/ceil(N/P) samples; logical worker
-   g = rank × workers + worker reads range g, which may start and end mid-shard (members before the
-   start are skipped without reading them).
-3. Shuffle inside each worker's range in blocks of `data.shuffle_buffer` samples (a seeded permutation
-   per block): a streaming shuffle buffer would not be exactly resumable without replaying the stream.
-   Shard order is permuted per epoch, so the mix is comparable to webdataset's buffer shuffle.
-4. Every worker yields exactly ceil(ceil(N/P) / B) batches per epoch, batching in the worker (the
-   DataLoader uses batch_size=None and its deterministic round-robin over workers). A worker that runs
-   short (remainder, corrupt samples) fills its last batches with padding rows (sample_mask False).
-   So every rank yields the same number of batches, and each sample is used exactly once per epoch.
-5. MLM masks and ITM negatives are drawn from a generator seeded by (seed, epoch, worker, batch), so a
-   resumed loader needs only a cursor per worker: (epoch, next batch, input position in its range).
-
-Corrupt or incomplete samples are skipped and counted in the batch's `skipped` field; over an epoch the
-count is exact relative to the plan (the per-shard sample counts of step 1). What counts:
-* a sample whose image does not decode (random or truncated bytes, empty member), has no image, or has
-  no caption (no .txt / empty .txt, and no "caption" in its .json): 1 each;
-* a sample whose key is unsafe (absolute, a `..` component, control characters; `shards.is_safe_key`);
-* a truncated tar: the plan takes its count from the shard's metadata when the file is shorter than the
-  metadata says (manifest.json / `<stem>_stats.json` of our builder, img2dataset's `successes`), and then
-  every declared sample not read in full is counted: the one cut mid-way and the whole lost tail. Without
-  metadata the count comes from a header scan, which stops where the data ends, like the reader: a sample
-  cut inside a member is dropped from the plan together with everything after it (nothing is counted,
-  nothing can be known about it); a sample cut between two of its members is in the plan and, lacking
-  its caption or image, is counted;
-* an empty tar (0 bytes, or no members) holds no samples: nothing is counted.
-A rank whose whole range is bad still yields its batches, made of padding rows only (sample_mask all
-False, labels -100): the losses of such a batch are 0, not NaN, so every rank runs the same steps.
+The split is by sample index, not by whole shards (webdataset's tar conventions and URL opener are kept):
+an epoch plan from (seed, epoch), cut into world_size × workers contiguous ranges, block-shuffled, every
+worker yielding the same number of batches (padding rows where it runs short), masks and negatives seeded
+per batch so a resumed loader needs only a cursor. The rules, and what counts as a skipped sample:
+docs/architecture.md "Exact-once data split" and docs/data.md.
 """
 
 from __future__ import annotations
@@ -42,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +65,8 @@ class LoaderSpec:
     resampled: bool
     mlm_probability: float
     itm_negative_prob: float
+    itm_hard_negatives: float
+    itm_hard_negatives_ramp_epochs: int
     split_tag: int  # 0 train, 1 eval: different seeded streams
 
     @property
@@ -143,7 +116,14 @@ class _BatchMaker:
         self.random_ids = vocab[~np.isin(vocab, self.special_ids)]
         self.mask_id = tokenizer.mask_token_id
 
-    def __call__(self, rows: list[tuple[str, str, np.ndarray]], rng: np.random.Generator) -> dict[str, Any]:
+    def hard_fraction(self, epoch: int) -> float:
+        """`itm_hard_negatives`, reached linearly over the first `itm_hard_negatives_ramp_epochs` epochs."""
+        ramp = self.spec.itm_hard_negatives_ramp_epochs
+        return self.spec.itm_hard_negatives * (min(1.0, epoch / ramp) if ramp > 0 else 1.0)
+
+    def __call__(
+        self, rows: list[tuple[str, str, np.ndarray]], rng: np.random.Generator, epoch: int = 0
+    ) -> dict[str, Any]:
         b, s = self.spec.batch_size, self.spec.image_size
         n = len(rows)
         images = np.zeros((b, s, s, 3), dtype=np.uint8)
@@ -153,18 +133,33 @@ class _BatchMaker:
         valid = np.arange(b) < n
         input_ids, attention = tokenize(self.tok, captions, self.spec.max_text_len)
         mlm_ids, mlm_labels = mask_tokens(
-            input_ids, special_ids=self.special_ids, mask_id=self.mask_id, random_ids=self.random_ids,
-            probability=self.spec.mlm_probability, rng=rng, valid=valid,
+            input_ids,
+            special_ids=self.special_ids,
+            mask_id=self.mask_id,
+            random_ids=self.random_ids,
+            probability=self.spec.mlm_probability,
+            rng=rng,
+            valid=valid,
         )
-        itm_index, itm_labels = itm_negatives(valid, captions, negative_prob=self.spec.itm_negative_prob, rng=rng)
+        itm_index, itm_labels = itm_negatives(
+            valid, captions, negative_prob=self.spec.itm_negative_prob, rng=rng, hard=self.hard_fraction(epoch)
+        )
         pixels = normalize_images(images)
         pixels[n:] = 0.0
         return assemble_batch(pixels, input_ids, attention, mlm_ids, mlm_labels, itm_index, itm_labels, valid, keys)
 
 
-def assemble_batch(pixels: torch.Tensor, input_ids: np.ndarray, attention: np.ndarray, mlm_ids: np.ndarray,
-                   mlm_labels: np.ndarray, itm_index: np.ndarray, itm_labels: np.ndarray, valid: np.ndarray,
-                   keys: list[str]) -> dict[str, Any]:
+def assemble_batch(
+    pixels: torch.Tensor,
+    input_ids: np.ndarray,
+    attention: np.ndarray,
+    mlm_ids: np.ndarray,
+    mlm_labels: np.ndarray,
+    itm_index: np.ndarray,
+    itm_labels: np.ndarray,
+    valid: np.ndarray,
+    keys: list[str],
+) -> dict[str, Any]:
     """The batch contract the model and the loop consume (numpy arrays → tensors, no copies)."""
     return {
         "pixel_values": pixels,
@@ -219,8 +214,7 @@ def _block_size(spec: LoaderSpec) -> int:
     return spec.shuffle_buffer if spec.shuffle and spec.shuffle_buffer > 1 else 1
 
 
-def _shuffled_range(spec: LoaderSpec, epoch: int, g: int, length: int, pos0: int,
-                    raw: Iterator[Any]) -> Iterator[Any]:
+def _shuffled_range(spec: LoaderSpec, epoch: int, g: int, length: int, pos0: int, raw: Iterator[Any]) -> Iterator[Any]:
     """Yield the worker's items from position pos0 on, in block-shuffled order (raw = natural order
     starting at the block that holds pos0)."""
     block = _block_size(spec)
@@ -229,15 +223,19 @@ def _shuffled_range(spec: LoaderSpec, epoch: int, g: int, length: int, pos0: int
         if lo >= length:
             return
         items = [next(raw) for _ in range(min(block, length - lo))]
-        order = _rng(spec.seed, spec.split_tag, _TAG_BLOCK, epoch, g, b).permutation(len(items)) \
-            if block > 1 else range(len(items))
+        order = (
+            _rng(spec.seed, spec.split_tag, _TAG_BLOCK, epoch, g, b).permutation(len(items))
+            if block > 1
+            else range(len(items))
+        )
         for j, idx in enumerate(order):
             if lo + j >= pos0:
                 yield items[idx]
 
 
-def iter_worker_batches(spec: LoaderSpec, tokenizer: Any, logical_worker: int,
-                        cursor: dict[str, int]) -> Iterator[dict[str, Any]]:
+def iter_worker_batches(
+    spec: LoaderSpec, tokenizer: Any, logical_worker: int, cursor: dict[str, int]
+) -> Iterator[dict[str, Any]]:
     """The infinite batch stream of one logical worker, starting at `cursor` (epoch, batch, pos)."""
     make = _BatchMaker(spec, tokenizer)
     g = spec.rank * spec.workers + logical_worker
@@ -264,7 +262,7 @@ def iter_worker_batches(spec: LoaderSpec, tokenizer: Any, logical_worker: int,
                     rows.append(sample)
                 else:  # impossible by construction (nb * B >= range length); fail loudly if not
                     raise RuntimeError("data plan error: more samples than batches")
-            batch = make(rows, _rng(spec.seed, spec.split_tag, _TAG_BATCH, epoch, g, k))
+            batch = make(rows, _rng(spec.seed, spec.split_tag, _TAG_BATCH, epoch, g, k), epoch)
             batch["skipped"] = skipped  # a host count (an int, no tensor): the loop never reads the device for it
             batch["_cursor"] = {"worker": logical_worker, "epoch": epoch, "batch": k, "pos": pos}
             yield batch
@@ -292,8 +290,7 @@ class PretrainLoader:
     `load_state_dict()`. Each `iter()` continues from the current cursor: the state saved after
     batch k makes a fresh loader yield batch k+1 next, with the same keys and masks."""
 
-    def __init__(self, spec: LoaderSpec, tokenizer: Any, num_workers: int, prefetch_factor: int,
-                 epoch_offset: int = 0):
+    def __init__(self, spec: LoaderSpec, tokenizer: Any, num_workers: int, prefetch_factor: int, epoch_offset: int = 0):
         self.spec, self.tokenizer = spec, tokenizer
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.batches_per_epoch = spec.workers * spec.worker_batches
@@ -315,10 +312,16 @@ class PretrainLoader:
         else:
             # A private generator: creating the iterator must not draw from the global torch RNG, or a
             # resumed run's dropout stream would shift relative to an uninterrupted one.
-            stream = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
-                persistent_workers=False, generator=torch.Generator().manual_seed(self.spec.seed),
-            ))
+            stream = iter(
+                torch.utils.data.DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch_factor,
+                    persistent_workers=False,
+                    generator=torch.Generator().manual_seed(self.spec.seed),
+                )
+            )
         for batch in stream:
             cur = batch.pop("_cursor")
             expected = self._consumed % spec.workers
@@ -326,7 +329,8 @@ class PretrainLoader:
                 raise RuntimeError(f"data loader order broke: batch from worker {cur['worker']}, expected {expected}")
             done = cur["batch"] + 1 == spec.worker_batches
             self._cursors[expected] = (
-                {"epoch": cur["epoch"] + 1, "batch": 0, "pos": 0} if done
+                {"epoch": cur["epoch"] + 1, "batch": 0, "pos": 0}
+                if done
                 else {"epoch": cur["epoch"], "batch": cur["batch"] + 1, "pos": cur["pos"]}
             )
             self._consumed += 1
@@ -336,14 +340,27 @@ class PretrainLoader:
 
     def _geometry(self) -> dict[str, Any]:
         s = self.spec
-        return {"rank": s.rank, "world_size": s.world_size, "workers": s.workers, "batch_size": s.batch_size,
-                "num_samples": s.num_samples, "num_shards": len(s.urls), "seed": s.seed,
-                "resampled": s.resampled, "shuffle_buffer": s.shuffle_buffer if s.shuffle else 0}
+        return {
+            "rank": s.rank,
+            "world_size": s.world_size,
+            "workers": s.workers,
+            "batch_size": s.batch_size,
+            "num_samples": s.num_samples,
+            "num_shards": len(s.urls),
+            "seed": s.seed,
+            "resampled": s.resampled,
+            "shuffle_buffer": s.shuffle_buffer if s.shuffle else 0,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor of this rank (take it after the batch you consumed last)."""
-        return {"version": STATE_VERSION, **self._geometry(), "batches_consumed": self._consumed,
-                "epoch": self.epoch, "workers_state": [dict(c) for c in self._cursors]}
+        return {
+            "version": STATE_VERSION,
+            **self._geometry(),
+            "batches_consumed": self._consumed,
+            "epoch": self.epoch,
+            "workers_state": [dict(c) for c in self._cursors],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -367,8 +384,9 @@ def resolve_split(cfg: Any, split: str) -> list[str]:
         raise DataError(f"data.{split}_shards: {exc}") from None
 
 
-def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, split: str = "train",
-                 epoch_offset: int = 0) -> PretrainLoader:
+def build_loader(
+    cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, split: str = "train", epoch_offset: int = 0
+) -> PretrainLoader:
     """The rank's batch stream over `cfg.data.{train,eval}_shards` (see the module docstring)."""
     if split not in ("train", "eval"):
         raise DataError(f"unknown split '{split}' (train or eval)")
@@ -383,11 +401,22 @@ def build_loader(cfg: Any, tokenizer: Any, rank: int = 0, world_size: int = 1, s
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after the tokenizer ran
     train = split == "train"
     spec = LoaderSpec(
-        urls=tuple(urls), counts=tuple(counts), seed=cfg.train.seed, rank=rank, world_size=world_size,
-        workers=max(1, d.num_workers), batch_size=cfg.train.micro_batch_size,
-        image_size=cfg.model.vision.image_size, max_text_len=d.max_text_len,
-        shuffle=train, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled and train,
-        mlm_probability=d.mlm_probability, itm_negative_prob=d.itm_negative_prob, split_tag=0 if train else 1,
+        urls=tuple(urls),
+        counts=tuple(counts),
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
+        workers=max(1, d.num_workers),
+        batch_size=cfg.train.micro_batch_size,
+        image_size=cfg.model.vision.image_size,
+        max_text_len=d.max_text_len,
+        shuffle=train,
+        shuffle_buffer=d.shuffle_buffer,
+        resampled=d.resampled and train,
+        mlm_probability=d.mlm_probability,
+        itm_negative_prob=d.itm_negative_prob,
+        itm_hard_negatives=d.itm_hard_negatives if train else 0.0,
+        itm_hard_negatives_ramp_epochs=d.itm_hard_negatives_ramp_epochs,
+        split_tag=0 if train else 1,
     )
     return PretrainLoader(spec, tokenizer, d.num_workers, d.prefetch_factor, epoch_offset)
-

@@ -2,8 +2,10 @@
 
 "a red circle at the top left": 6 colors × 4 shapes × 4 quadrants = 96 captions. Color, shape and
 position all vary independently, so a model must see all three to tell a match from a mismatch (with
-color alone ITM caps near 0.92; see RECIPE.md). Images are real JPEGs drawn with PIL, deterministic
-from the seed, and go through the same builder as real data (images + JSONL → `build_shards`).
+color alone ITM caps near 0.92; see docs/testing.md). Each shape nearly fills its quadrant (a 2 × 2 block
+of the tiny model's 8-pixel patches) with a pixel or two of jitter. Images are real JPEGs drawn with PIL,
+deterministic from the seed, and go through the same builder as real data (images + JSONL →
+`build_shards`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from gaudi_pretrain.utils import atomic_write_text
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -25,8 +29,14 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 NOISE_STD = 10.0
-RADIUS_RANGE = (0.28, 0.42)  # of half the image side
+BACKGROUND_RANGE = (120, 136)  # grey level of the background, drawn per image (a wide range hides position)
+RADIUS_RANGE = (0.40, 0.48)  # of half the image side
+# Bumped whenever what the generator draws changes: `gaudi-pretrain demo` rebuilds a set of another version.
+DEMO_VERSION = 2
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+
+
+DEMO_INFO = "demo.json"
 
 
 def caption_for(color: str, shape: str, position: str) -> str:
@@ -44,7 +54,7 @@ def draw_sample(rng: np.random.Generator, size: int = 32) -> tuple[Any, str]:
     color = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-    base = rng.integers(90, 166)  # grey level of the background
+    base = rng.integers(*BACKGROUND_RANGE)
     noise = rng.normal(0, NOISE_STD, size=(size, size, 3))
     background = np.clip(base + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(background, "RGB")
@@ -108,16 +118,33 @@ def build_demo_dataset(
 
     out = Path(out)
     summary: dict[str, Any] = {"out": str(out)}
-    plans = {"train": (train_samples, seed * 2 + 0, (0.35, 0.3, 0.2, 0.15)),
-             "eval": (eval_samples, seed * 2 + 1, (0.6, 0.4))}
+    plans = {
+        "train": (train_samples, seed * 2 + 0, (0.35, 0.3, 0.2, 0.15)),
+        "eval": (eval_samples, seed * 2 + 1, (0.6, 0.4)),
+    }
     for split, (n, split_seed, fractions) in plans.items():
         with tempfile.TemporaryDirectory(prefix=f"demo_{split}_") as tmp:
             jsonl = _write_images(Path(tmp), n, split_seed, image_size)
             manifest = build_shards(
-                records_from_jsonl(jsonl), out / split, image_size=image_size, samples_per_shard=max(n, 1),
-                shard_sizes=_unequal_sizes(n, fractions), workers=workers, progress=progress,
+                records_from_jsonl(jsonl),
+                out / split,
+                image_size=image_size,
+                samples_per_shard=max(n, 1),
+                shard_sizes=_unequal_sizes(n, fractions),
+                workers=workers,
+                progress=progress,
             )
         summary[split] = {"samples": manifest["total"], "shards": [s["samples"] for s in manifest["shards"]]}
     tok = train_demo_tokenizer(all_captions(), out / "tokenizer", vocab_size=vocab_size)
     summary["tokenizer"] = {"path": str(out / "tokenizer"), "vocab_size": len(tok)}
+    summary["version"] = DEMO_VERSION
+    atomic_write_text(out / DEMO_INFO, json.dumps(summary, indent=1) + "\n")  # last: marks a complete set
     return summary
+
+
+def demo_dataset_version(out: str | Path) -> int | None:
+    """The generator version of a complete demo set at `out` (None: absent, incomplete or older than v2)."""
+    try:
+        return int(json.loads((Path(out) / DEMO_INFO).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

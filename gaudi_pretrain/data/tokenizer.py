@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from gaudi_pretrain.errors import DataError
 

@@ -10,7 +10,8 @@ path here is decode → center crop, with no resampling at all.
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,5 @@ def normalize_images(images: np.ndarray) -> Any:
 
 def tokenize(tokenizer: Any, captions: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Captions → (input_ids, attention_mask) int64 [B, max_len]: `<s> … </s> <pad>…`, truncated."""
-    enc = tokenizer(
-        list(captions), padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
-    )
+    enc = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)

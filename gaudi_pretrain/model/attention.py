@@ -1,8 +1,8 @@
-"""Attention kernel seam and the multi-head attention blocks built on it.
+"""Attention kernels and the multi-head attention blocks built on them.
 
-Every attention in the model calls `attend()`, which calls the function installed with
-`set_attention_fn` (default: torch's `scaled_dot_product_attention`). A backend swaps in its fused kernel
-once, before the model runs (HPU: FusedSDPA). The installed function must have the signature
+The kernel is chosen when the model is built (`attention_kernel`): `model.attention: eager` is the
+readable matmul + fp32-softmax reference; `sdpa` is torch's `scaled_dot_product_attention` or a backend's
+fused kernel (HPU: FusedSDPA). Every kernel has the signature
 
     fn(q, k, v, attn_mask, dropout_p) -> out
         q: [B, H, Lq, D], k and v: [B, H, Lk, D]   (all the same dtype)
@@ -17,7 +17,7 @@ masked (see `additive_mask`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +43,11 @@ def eager_attention(q, k, v, attn_mask, dropout_p):
     return torch.matmul(probs, v)
 
 
-_attention_fn: AttentionFn = sdpa_attention
-
-
-def set_attention_fn(fn: AttentionFn | None) -> None:
-    """Install the kernel used by every `sdpa` attention (None restores torch's SDPA)."""
-    global _attention_fn
-    _attention_fn = fn if fn is not None else sdpa_attention
-
-
-def get_attention_fn() -> AttentionFn:
-    return _attention_fn
-
-
-def attend(q, k, v, attn_mask, dropout_p: float, impl: str = "sdpa") -> torch.Tensor:
-    fn = eager_attention if impl == "eager" else _attention_fn
-    return fn(q, k, v, attn_mask, dropout_p)
+def attention_kernel(impl: str, fused: AttentionFn | None = None) -> AttentionFn:
+    """The kernel for `model.attention`: "eager", or "sdpa" (a backend's fused kernel if it has one)."""
+    if impl == "eager":
+        return eager_attention
+    return fused if fused is not None else sdpa_attention
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,9 +76,9 @@ class FusedInProjAttention(nn.Module):
     (`in_proj_weight`, `in_proj_bias`, `out_proj`), so CLIP and BridgeTower checkpoints load as they are.
     Batch-first, no mask (image tokens are never padded), no dropout (CLIP has none)."""
 
-    def __init__(self, dim: int, heads: int, impl: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, attend: AttentionFn = sdpa_attention):
         super().__init__()
-        self.heads, self.impl = heads, impl
+        self.heads, self.attend = heads, attend
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
@@ -97,18 +86,18 @@ class FusedInProjAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, N, D]
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        out = attend(*(_split_heads(t, self.heads) for t in (q, k, v)), None, 0.0, self.impl)
+        out = self.attend(*(_split_heads(t, self.heads) for t in (q, k, v)), None, 0.0)
         return self.out_proj(_merge_heads(out))
 
 
 class QKV(nn.Module):
     """BERT-style separate query/key/value projections (names `query`, `key`, `value`)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, impl: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, dropout: float, attend: AttentionFn = sdpa_attention):
         super().__init__()
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
-        self.heads, self.dropout, self.impl = heads, dropout, impl
+        self.heads, self.dropout, self.attend = heads, dropout, attend
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -121,4 +110,4 @@ class QKV(nn.Module):
         # built in q's dtype here (under autocast q is bf16): a cast of an fp32 dtype-min could overflow to -inf
         mask = additive_mask(key_mask, q.dtype) if key_mask is not None else None
         p = self.dropout if self.training else 0.0
-        return _merge_heads(attend(q, k, v, mask, p, self.impl))
+        return _merge_heads(self.attend(q, k, v, mask, p))

@@ -2,7 +2,7 @@
 
 Module and parameter names are exactly transformers' `BridgeTowerModel` names, so its state dicts load
 with strict=True and no key map. Unlike transformers' version this one is built for training speed:
-SDPA attention through a replaceable kernel (`attention.set_attention_fn`), static shapes everywhere,
+SDPA attention through a kernel chosen at construction (`attention.attention_kernel`), static shapes everywhere,
 optional per-layer activation checkpointing, fp32 LayerNorm under bf16 autocast, and the model is split
 into `encode_images` / `encode_text` / `cross_encode` so the pretraining step runs the vision tower once
 and reuses it for the MLM and ITM passes.
@@ -17,7 +17,7 @@ Data flow (T text layers, C cross layers, split = T - C + 1; Li = grid² + 1 ima
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from gaudi_pretrain.config import ModelConfig
 from gaudi_pretrain.errors import ConfigError
-from gaudi_pretrain.model.attention import QKV, FusedInProjAttention
+from gaudi_pretrain.model.attention import QKV, AttentionFn, FusedInProjAttention, attention_kernel
 from gaudi_pretrain.model.precision import fp32_region
 
 DROPOUT = 0.1  # transformers' BridgeTowerTextConfig hidden/attention dropout (also used by the cross layers)
-INIT_STD = 0.02
+INIT_STD = 0.05  # transformers' BridgeTowerPreTrainedModel._init_weights: 0.05 × initializer_factor (1)
 
 Features = tuple[torch.Tensor, ...]  # one [B, N, H] tensor per cross-modal layer (the bridge inputs)
 
@@ -94,9 +94,9 @@ class VisionEmbeddings(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN CLIP block: x + attn(ln_1(x)); x + c_proj(QuickGELU(c_fc(ln_2(x))))."""
 
-    def __init__(self, dim: int, eps: float, impl: str):
+    def __init__(self, dim: int, eps: float, attend: AttentionFn):
         super().__init__()
-        self.attn = FusedInProjAttention(dim, dim // 64, impl)  # transformers: heads = hidden // 64
+        self.attn = FusedInProjAttention(dim, dim // 64, attend)  # transformers: heads = hidden // 64
         self.ln_1 = LayerNorm(dim, eps=eps)
         self.mlp = nn.ModuleDict({"c_fc": nn.Linear(dim, 4 * dim), "c_proj": nn.Linear(4 * dim, dim)})
         self.ln_2 = LayerNorm(dim, eps=eps)
@@ -107,21 +107,21 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class VisionTransformerStack(nn.Module):
-    def __init__(self, dim: int, layers: int, eps: float, impl: str):
+    def __init__(self, dim: int, layers: int, eps: float, attend: AttentionFn):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(dim, eps, impl) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(dim, eps, attend) for _ in range(layers))
 
 
 class VisualTower(_Checkpointable):
     """`vision_model.visual`: embeddings → ln_pre → resblocks; ln_post is applied to every bridged output
     (transformers' share_layernorm=True, as released)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attend: AttentionFn):
         super().__init__()
         v = cfg.vision
         self.embeddings = VisionEmbeddings(v.hidden_size, v.patch_size, v.image_size)
         self.ln_pre = LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
-        self.transformer = VisionTransformerStack(v.hidden_size, v.num_hidden_layers, v.layer_norm_eps, cfg.attention)
+        self.transformer = VisionTransformerStack(v.hidden_size, v.num_hidden_layers, v.layer_norm_eps, attend)
         self.ln_post = LayerNorm(v.hidden_size, eps=v.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, num_layers: int | None = None) -> list[torch.Tensor]:
@@ -135,9 +135,9 @@ class VisualTower(_Checkpointable):
 
 
 class VisionModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attend: AttentionFn):
         super().__init__()
-        self.visual = VisualTower(cfg)
+        self.visual = VisualTower(cfg, attend)
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -160,7 +160,11 @@ class TextEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] → [B, L, H]
         not_pad = input_ids.ne(self.pad_id).long()
         positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(self.token_type_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(self.token_type_ids)
+        )
         return self.dropout(self.LayerNorm(x))
 
 
@@ -180,9 +184,9 @@ class AttentionOutput(nn.Module):
 class Attention(nn.Module):
     """BERT attention block: `self` (query/key/value) then `output`."""
 
-    def __init__(self, dim: int, heads: int, eps: float, impl: str):
+    def __init__(self, dim: int, heads: int, eps: float, attend: AttentionFn):
         super().__init__()
-        self.self = QKV(dim, heads, DROPOUT, impl)
+        self.self = QKV(dim, heads, DROPOUT, attend)
         self.output = AttentionOutput(dim, dim, eps)
 
     def forward(self, x, context, key_mask):
@@ -199,9 +203,9 @@ class Intermediate(nn.Module):
 
 
 class TextLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn: int, eps: float, impl: str):
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float, attend: AttentionFn):
         super().__init__()
-        self.attention = Attention(dim, heads, eps, impl)
+        self.attention = Attention(dim, heads, eps, attend)
         self.intermediate = Intermediate(dim, ffn)
         self.output = AttentionOutput(ffn, dim, eps)
 
@@ -213,10 +217,10 @@ class TextLayer(nn.Module):
 class CrossLayer(nn.Module):
     """Self-attention over its own modality, cross-attention to the other, FFN (post-LN, BERT style)."""
 
-    def __init__(self, dim: int, heads: int, ffn: int, eps: float, impl: str):
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float, attend: AttentionFn):
         super().__init__()
-        self.attention = Attention(dim, heads, eps, impl)
-        self.crossattention = Attention(dim, heads, eps, impl)
+        self.attention = Attention(dim, heads, eps, attend)
+        self.crossattention = Attention(dim, heads, eps, attend)
         self.intermediate = Intermediate(dim, ffn)
         self.output = AttentionOutput(ffn, dim, eps)
 
@@ -227,11 +231,11 @@ class CrossLayer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attend: AttentionFn):
         super().__init__()
         t = cfg.text
         self.layer = nn.ModuleList(
-            TextLayer(t.hidden_size, t.num_attention_heads, t.intermediate_size, t.layer_norm_eps, cfg.attention)
+            TextLayer(t.hidden_size, t.num_attention_heads, t.intermediate_size, t.layer_norm_eps, attend)
             for _ in range(t.num_hidden_layers)
         )
 
@@ -250,10 +254,10 @@ class Pooler(nn.Module):
 class TextModel(_Checkpointable):
     """`text_model`: RoBERTa. Its `pooler` is unused by BridgeTower but kept: it is in the checkpoints."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attend: AttentionFn):
         super().__init__()
         self.embeddings = TextEmbeddings(cfg)
-        self.encoder = TextEncoder(cfg)
+        self.encoder = TextEncoder(cfg, attend)
         self.pooler = Pooler(cfg.text.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
@@ -300,9 +304,12 @@ def check_architecture(cfg: ModelConfig) -> None:
 
 
 class BridgeTowerModel(_Checkpointable):
-    def __init__(self, cfg: ModelConfig):
+    """`attention_fn`: a backend's fused attention kernel for `model.attention: sdpa` (None: torch's SDPA)."""
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn | None = None):
         super().__init__()
         check_architecture(cfg)
+        attend = attention_kernel(cfg.attention, attention_fn)
         self.cfg = cfg
         t, h = cfg.text, cfg.hidden_size
         self.split_index = t.num_hidden_layers - cfg.num_hidden_layers + 1
@@ -310,12 +317,12 @@ class BridgeTowerModel(_Checkpointable):
         self.cross_modal_image_transform = nn.Linear(cfg.vision.hidden_size, h)
         self.token_type_embeddings = nn.Embedding(2, h)  # 0 = text, 1 = image
         self.register_buffer("token_type_ids", torch.arange(2).unsqueeze(1), persistent=False)  # [[0], [1]]
-        self.vision_model = VisionModel(cfg)
-        self.text_model = TextModel(cfg)
+        self.vision_model = VisionModel(cfg, attend)
+        self.text_model = TextModel(cfg, attend)
 
         def cross_layers():
             return nn.ModuleList(
-                CrossLayer(h, t.num_attention_heads, t.intermediate_size, t.layer_norm_eps, cfg.attention)
+                CrossLayer(h, t.num_attention_heads, t.intermediate_size, t.layer_norm_eps, attend)
                 for _ in range(cfg.num_hidden_layers)
             )
 
@@ -374,7 +381,9 @@ class BridgeTowerModel(_Checkpointable):
 
     def pool(self, text_features: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Pooled text CLS ‖ pooled image CLS: [B, 2H]."""
-        return torch.cat([self.cross_modal_text_pooler(text_features), self.cross_modal_image_pooler(image_features)], -1)
+        return torch.cat(
+            [self.cross_modal_text_pooler(text_features), self.cross_modal_image_pooler(image_features)], -1
+        )
 
     def forward(self, input_ids, attention_mask, pixel_values):
         """One full forward: (text_features, image_features, pooled) like transformers' BridgeTowerModel."""
@@ -386,7 +395,12 @@ class BridgeTowerModel(_Checkpointable):
 
 @torch.no_grad()
 def init_weights(module: nn.Module) -> None:
-    """normal(0, 0.02) for weights and embeddings, zero biases, LayerNorm 1/0; pad embedding rows zero."""
+    """transformers' BridgeTower init (`BridgeTowerPreTrainedModel._init_weights`): normal(0, 0.05) for
+    linear, conv and embedding weights, zero biases, LayerNorm 1/0, pad embedding rows zero; then OpenAI
+    CLIP's scheme for each visual tower, from its own width W and depth L: class and position embeddings and
+    attention in-projections N(0, W^-0.5), out-projections and c_proj N(0, W^-0.5 (2L)^-0.5), c_fc
+    N(0, (2W)^-0.5). The CLIP part matters: at 0.05 (or 0.02) the position signal is a few % of the patch
+    content and a tower trained from scratch takes thousands of steps to learn where things are."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(m.weight, std=INIT_STD)
@@ -402,10 +416,13 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, FusedInProjAttention):
             nn.init.normal_(m.in_proj_weight, std=INIT_STD)
             nn.init.zeros_(m.in_proj_bias)
-        elif isinstance(m, VisionEmbeddings):
-            # OpenAI CLIP's init: class and position embeddings ~ N(0, width^-0.5). At 0.02 the position
-            # signal is a few % of the patch content and a from-scratch tower takes thousands of steps
-            # to learn where things are (measured on the demo set: positions stayed at chance for 1,500 steps).
-            scale = m.class_embedding.shape[0] ** -0.5
-            nn.init.normal_(m.class_embedding, std=scale)
-            nn.init.normal_(m.position_embedding.weight, std=scale)
+    for tower in (m for m in module.modules() if isinstance(m, VisualTower)):  # after: it overrides the above
+        width, depth = tower.embeddings.class_embedding.shape[0], len(tower.transformer.resblocks)
+        attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * depth) ** -0.5, (2 * width) ** -0.5
+        nn.init.normal_(tower.embeddings.class_embedding, std=attn_std)
+        nn.init.normal_(tower.embeddings.position_embedding.weight, std=attn_std)
+        for block in tower.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp["c_fc"].weight, std=fc_std)
+            nn.init.normal_(block.mlp["c_proj"].weight, std=proj_std)

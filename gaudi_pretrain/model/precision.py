@@ -8,11 +8,11 @@ the losses therefore run with autocast off for their device, on fp32 inputs, on 
 
 from __future__ import annotations
 
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
 
-def fp32_region(x: torch.Tensor) -> ContextManager[None]:
+def fp32_region(x: torch.Tensor) -> AbstractContextManager[None]:
     """Autocast off for `x`'s device: what runs inside computes in the dtypes it is given."""
     return torch.autocast(device_type=x.device.type, enabled=False)

@@ -1,18 +1,8 @@
 """The pretraining objective: masked language modelling + image-text matching, one batch at a time.
 
-BridgeTower's recipe runs two full forwards per step: MLM on the masked text with the true image, and ITM
-on the clean text with the image of row `itm_image_index[i]` (itself for a positive, another row's for a
-negative). This module computes the same objective with ONE vision pass:
-
-* The vision tower never sees text: its bridge inputs (`BridgeTowerModel.encode_images`: uni-modal
-  layer outputs → ln_post → transform + image type embedding) are a pure function of the image, and the
-  vision tower has no dropout. The ITM pass's image features are therefore exactly the MLM pass's
-  features gathered by `itm_image_index` (`index_select`: a static-shape gather, no recomputation).
-* Autograd sums gradients over every use of a tensor, and the backward of `index_select` scatter-adds into
-  the shared activations. The vision parameters thus receive d(MLM)/dθ + d(ITM)/dθ: exactly the sum of
-  the gradients of the two separate forwards. Text and cross-modal layers see the same inputs as in the
-  two forwards (the two text batches are concatenated into one [2B, L] pass for larger matmuls; rows
-  never interact, so this changes nothing but speed).
+One vision pass serves both the MLM forward (masked text, true image) and the ITM forward (clean text, the
+image of row `itm_image_index[i]`), gathered with `index_select`; why that is the recipe's two-forward
+objective exactly: docs/architecture.md "Why the shared vision pass is the same objective".
 
 Losses are sum / clamp(count, 1) over targets != -100, so padding rows (labels -100) count for nothing and
 a batch without any target gives 0, not NaN. Metric sums are returned as tensors: no host sync here.
@@ -20,13 +10,15 @@ a batch without any target gives 0, not NaN. Metric sums are returned as tensors
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gaudi_pretrain.config import ModelConfig
+from gaudi_pretrain.model.attention import AttentionFn
 from gaudi_pretrain.model.bridgetower import BridgeTowerModel, Features, LayerNorm, init_weights
 from gaudi_pretrain.model.precision import fp32_region
 
@@ -97,11 +89,11 @@ class BridgeTowerForPretraining(nn.Module):
     """transformers' BridgeTowerForMaskedLM ∪ BridgeTowerForImageAndTextRetrieval (same state-dict names),
     plus the -itm-mlm-itc contrastive heads when `cfg.itc_heads`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn | None = None):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_size
-        self.bridgetower = BridgeTowerModel(cfg)
+        self.bridgetower = BridgeTowerModel(cfg, attention_fn)
         self.mlm_score = MLMHead(h, cfg.text.vocab_size, cfg.layer_norm_eps)
         self.itm_score = LinearHead(2 * h, 2)
         if cfg.itc_heads:
@@ -118,7 +110,6 @@ class BridgeTowerForPretraining(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> PretrainingOutput:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        b = ids.shape[0]
         bt = self.bridgetower
         images = bt.encode_images(batch["pixel_values"])  # C × [B, Li, H], once per batch
         index = batch["itm_image_index"]
@@ -126,9 +117,15 @@ class BridgeTowerForPretraining(nn.Module):
         mask2 = torch.cat([mask, mask])
         text = bt.encode_text(torch.cat([batch["mlm_input_ids"], ids]), mask2)  # C × [2B, L, H]
         text_f, image_f = bt.cross_encode(text, mask2, paired)
+        return self.heads(text_f, image_f, batch)
 
+    def heads(
+        self, text_f: torch.Tensor, image_f: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> PretrainingOutput:
+        """MLM and ITM heads and losses on the cross-modal outputs of the 2B rows (MLM rows first)."""
+        b = batch["input_ids"].shape[0]
         mlm_logits = self.mlm_score(text_f[:b])  # [B, L, V]
-        itm_logits = self.itm_score(bt.pool(text_f[b:], image_f[b:]))  # [B, 2]
+        itm_logits = self.itm_score(self.bridgetower.pool(text_f[b:], image_f[b:]))  # [B, 2]
         mlm_loss, mlm_correct, mlm_count = _ce_stats(mlm_logits, batch["mlm_labels"])
         itm_loss, itm_correct, itm_count = _ce_stats(itm_logits, batch["itm_labels"])
         return PretrainingOutput(

@@ -1,28 +1,6 @@
-"""Resumable checkpoints: DeepSpeed layout + our client state, with an atomic `latest` pointer.
+"""Resumable checkpoints: DeepSpeed's files plus our client state, published by an atomic `latest`.
 
-Layout under `<output_dir>/checkpoints/`:
-    step_00000300/                  DeepSpeed's files (module + optimizer + scheduler, per rank)
-        rank_00000.json             that rank's data cursor, RNG states and weights digest (one per rank)
-        model.safetensors           consolidated, unwrapped weights with transformers' BridgeTower names
-        config.yaml                 the resolved run config
-        client_state.json           step, samples seen, config fingerprint, world size and the size of
-                                    every other file of the directory; written last: its presence = complete
-    latest                          names the newest COMPLETE checkpoint; replaced atomically, last
-
-Crash safety. A save writes, in order: DeepSpeed's files, each rank's json, (barrier) model.safetensors,
-config.yaml, client_state.json, `latest`. A crash at any point leaves `latest` naming the previous
-complete checkpoint, and a directory without client_state.json is never picked (`resolve_checkpoint`
-refuses it, `publish` prunes it). Re-saving a tag that already exists (after resuming from an earlier
-checkpoint) first moves `latest` off it and deletes it (`prepare_tag`), so a crash cannot leave a
-directory that mixes two saves under a complete-looking name.
-
-Trust boundary. model.safetensors and our json files cannot execute anything. DeepSpeed's own files are
-pickles, and DeepSpeed's `load_checkpoint` reads them with torch.load(weights_only=False), which runs
-whatever a crafted file asks. Resume therefore (1) checks that the directory holds exactly the files and
-sizes recorded in client_state.json (`verify_files`), (2) runs DeepSpeed's load inside
-`weights_only_torch_load()`, where every torch.load is weights_only=True with only DeepSpeed's own
-checkpoint classes allowed (a foreign object is refused with a CheckpointError, never constructed), and
-(3) compares the loaded weights with the digest each rank wrote at save time (`weights_match`).
+Layout, save order, crash safety and the trust boundary of a resume: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -35,22 +13,40 @@ import os
 import pickle
 import random
 import re
-import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from gaudi_pretrain.config import RunConfig, save_config
-from gaudi_pretrain.errors import CheckpointError, PathError
-from gaudi_pretrain.paths import checkpoint_tag
+from gaudi_pretrain.config import ModelConfig, RunConfig, read_yaml, save_config, validate_config
+from gaudi_pretrain.distributed import barrier
+from gaudi_pretrain.errors import CheckpointError
+from gaudi_pretrain.model.attention import AttentionFn
+from gaudi_pretrain.model.hf_convert import export_hf
+from gaudi_pretrain.model.pretraining import BridgeTowerForPretraining
+from gaudi_pretrain.train import sample_log
+from gaudi_pretrain.train.checkpoint_dirs import (
+    BEST,
+    CLIENT_STATE,
+    LATEST,
+    checkpoints_dir,
+    prepare_tag,
+    publish,
+    read_pointer,
+    resolve_checkpoint,
+    tag_for,
+)
 from gaudi_pretrain.train.faults import maybe_crash
+from gaudi_pretrain.train.nonfinite import NonfiniteCounter, all_ranks, read_counts
+from gaudi_pretrain.train.state import RunContext
+from gaudi_pretrain.utils import atomic_write_text, unwrapped_name, unwrapped_state
 
-LATEST = "latest"
-CLIENT_STATE = "client_state.json"
+WEIGHTS_KIND = {"bf16": "fp32 optimizer master weights", "fp32": "fp32 weights"}
 # Classes DeepSpeed pickles into its own checkpoint files besides tensors and plain containers (ZeRO
 # optimizer states: loss scaler, stage enum, fragment addresses). Allowed by name for weights_only loads;
 # a name the installed DeepSpeed lacks is left out.
@@ -70,57 +66,6 @@ class ClientState:
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)  # every other file of the directory → size in bytes
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_latest(ckpt_root: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None when there is none."""
-    root = Path(ckpt_root)
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    try:
-        tag = checkpoint_tag(pointer.read_text(), pointer)
-    except PathError as exc:
-        raise CheckpointError(str(exc)) from None
-    path = root / tag
-    if not (path / CLIENT_STATE).is_file():
-        raise CheckpointError(f"{pointer} names '{tag}', which is not a complete checkpoint")
-    return path
-
-
-def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
-    """`auto` → latest under the run's checkpoints (None if none); a directory → that checkpoint.
-
-    A run directory (holding checkpoints/latest) is accepted too.
-    """
-    if spec == "auto":
-        return read_latest(checkpoints_dir(output_dir))
-    path = Path(spec)
-    if (path / CLIENT_STATE).is_file():
-        return path
-    for root in (path, checkpoints_dir(path)):
-        if (root / LATEST).is_file():
-            return read_latest(root)
-    if path.is_dir() and path.name.startswith("step_"):
-        raise CheckpointError(f"{spec} is an incomplete checkpoint (no {CLIENT_STATE}: its save was interrupted)")
-    raise CheckpointError(f"no complete checkpoint at {spec}")
 
 
 def rng_state(backend: Any = None) -> dict[str, Any]:
@@ -152,8 +97,10 @@ def set_rng_state(state: dict[str, Any], backend: Any = None) -> str | None:
         return None
     here = getattr(backend, "name", None)
     if saved["backend"] != here:
-        return (f"the checkpoint's {saved['backend']} RNG state is not restored on {here}: "
-                "data order is exact, dropout masks differ from an uninterrupted run")
+        return (
+            f"the checkpoint's {saved['backend']} RNG state is not restored on {here}: "
+            "data order is exact, dropout masks differ from an uninterrupted run"
+        )
     backend.set_rng_state(torch.tensor(saved["state"], dtype=torch.uint8))
     return None
 
@@ -171,12 +118,22 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str | None:
     return h.hexdigest()
 
 
-def write_rank_state(ckpt_dir: Path, rank: int, data_state: dict[str, Any], digest: str,
-                     counters: dict[str, int] | None = None, backend: Any = None) -> None:
+def write_rank_state(
+    ckpt_dir: Path,
+    rank: int,
+    data_state: dict[str, Any],
+    digest: str,
+    counters: dict[str, int] | None = None,
+    backend: Any = None,
+) -> None:
     """This rank's data cursor, RNG states, weights digest and its own counters (e.g. skipped samples)."""
-    payload = {"data": data_state, "rng": rng_state(backend), "weights_sha256": digest,
-               "counters": dict(counters or {})}
-    _atomic_write_text(ckpt_dir / f"rank_{rank:05d}.json", json.dumps(payload))
+    payload = {
+        "data": data_state,
+        "rng": rng_state(backend),
+        "weights_sha256": digest,
+        "counters": dict(counters or {}),
+    }
+    atomic_write_text(ckpt_dir / f"rank_{rank:05d}.json", json.dumps(payload))
 
 
 def read_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
@@ -194,7 +151,7 @@ def write_run_files(ckpt_dir: Path, cfg: RunConfig, client: ClientState, state_d
     save_config(cfg, ckpt_dir / "config.yaml")
     maybe_crash("save_weights", client.step)
     client.files = list_files(ckpt_dir)
-    _atomic_write_text(ckpt_dir / CLIENT_STATE, json.dumps(asdict(client), indent=1))
+    atomic_write_text(ckpt_dir / CLIENT_STATE, json.dumps(asdict(client), indent=1))
 
 
 def list_files(ckpt_dir: Path) -> dict[str, int]:
@@ -218,7 +175,8 @@ def verify_files(ckpt_dir: Path, client: ClientState) -> None:
             raise CheckpointError(f"{ckpt_dir / name} is missing: the checkpoint is incomplete")
         if found[name] != size:
             raise CheckpointError(
-                f"{ckpt_dir / name} has {found[name]} bytes, its save wrote {size}: refusing to load it")
+                f"{ckpt_dir / name} has {found[name]} bytes, its save wrote {size}: refusing to load it"
+            )
     extra = sorted(set(found) - set(client.files))
     if extra:
         raise CheckpointError(f"{ckpt_dir / extra[0]} was not written by this checkpoint's save: refusing to load it")
@@ -261,8 +219,9 @@ def weights_only_torch_load() -> Iterator[None]:
             except pickle.UnpicklingError as exc:
                 found = re.search(r"GLOBAL ([\w.]+)", str(exc))
                 what = f"it pickles {found.group(1)}" if found else "it holds more than tensors"
-                raise CheckpointError(f"refusing to load {f}: {what} (only tensors and DeepSpeed's "
-                                      "checkpoint classes are loaded)") from None
+                raise CheckpointError(
+                    f"refusing to load {f}: {what} (only tensors and DeepSpeed's checkpoint classes are loaded)"
+                ) from None
 
     torch.load = load
     try:
@@ -278,32 +237,231 @@ def read_client_state(ckpt_dir: Path) -> ClientState:
         raise CheckpointError(f"{ckpt_dir / CLIENT_STATE} is not a valid client state: {exc}") from None
 
 
-def prepare_tag(ckpt_root: Path, tag: str) -> None:
-    """Rank 0, before saving `tag`: if a directory of that name exists (a run resumed from an earlier
-    checkpoint reaches the step again), move `latest` off it and delete it, so that no crash can leave a
-    mix of two saves under a name `latest` or a complete-looking client state points at."""
-    target = ckpt_root / tag
-    if not target.exists():
+# ----------------------------------------------------------------------------- save / restore
+
+
+def unwrapped_weights(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The module's weights with transformers' names (all ranks call this: a collective under ZeRO-3,
+    which gathers the full dict on rank 0 only). Their digest is what a resume verifies."""
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
+    return unwrapped_state(state or {})
+
+
+def master_weights(engine: Any, rank: int) -> dict[str, torch.Tensor]:
+    """A bf16 run's fp32 master weights with transformers' names, on rank 0 (empty elsewhere). The module
+    holds bf16 working copies; the masters live in DeepSpeed's optimizer, partitioned under ZeRO. They are
+    assembled one parameter at a time (a collective: every rank calls), so rank 0 holds one extra copy of
+    the model at most."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    flat_masters = _flat_fp32_masters(engine.optimizer)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            full = flat_masters.get(id(param))
+        if full is None:
+            raise CheckpointError(f"DeepSpeed holds no fp32 master for {unwrapped_name(name)} (a frozen parameter?)")
+        if rank == 0:
+            out[unwrapped_name(name)] = full.detach().to("cpu", torch.float32).clone()
+        del full
+    return out
+
+
+def _flat_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """The masters DeepSpeed 0.19 keeps for bf16 without ZeRO, keyed by the id of their bf16 param. Its
+    engine wraps the client optimizer in FP16_Optimizer (engine.py `_do_optimizer_sanity_check` →
+    DDP_BFLOAT16; 0.16 uses BF16_Optimizer, which `safe_get_full_fp32_param` reads): the unfused one keeps
+    `fp32_groups[i]`, one fp32 tensor per bf16 param of `fp16_groups[i]`; the fused one (DeepSpeed's
+    FusedAdam) one unpadded flat tensor per group, `fp32_groups_flat[i]`. Empty for any other optimizer."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None:
+        return {}
+    if hasattr(optimizer, "fp32_groups_flat"):
+        masters = []
+        for params, flat in zip(groups, optimizer.fp32_groups_flat, strict=True):
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            masters.append([flat.narrow(0, o, p.numel()).view_as(p) for p, o in zip(params, offsets)])
+    elif hasattr(optimizer, "fp32_groups"):
+        masters = optimizer.fp32_groups
+    else:
+        return {}
+    return {id(p): m for params, group in zip(groups, masters, strict=True) for p, m in zip(params, group, strict=True)}
+
+
+def optimizer_layout(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that shape DeepSpeed's saved optimizer state: a resume must keep them."""
+    return {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision}
+
+
+def save_checkpoint(ctx: RunContext, best: bool = False, evaluation: dict[str, Any] | None = None) -> Path:
+    """A complete checkpoint of the current state, published by `latest` last (and `best`, when `best`).
+    `evaluation`: the held-out record of this step, kept in the client state (it ranks `best`)."""
+    s, cfg, rank = ctx.state, ctx.cfg, ctx.dist.rank
+    read_counts(s, ctx.nonfinite)
+    root, tag = checkpoints_dir(ctx.run_dir), tag_for(s.step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        prepare_tag(root, tag)
+    barrier()  # an old directory of this tag is gone before anyone writes into it
+    ctx.engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    maybe_crash("save_engine", s.step, rank)
+    weights = unwrapped_weights(ctx.engine, cfg.train.zero_stage)  # what a resume loads and verifies
+    digest = weights_digest(weights)
+    write_rank_state(
+        root / tag,
+        rank,
+        ctx.loader.state_dict(),
+        digest,
+        counters={"skipped_samples": s.skipped_samples},
+        backend=ctx.backend,
+    )
+    maybe_crash("mid_save", s.step, rank)
+    if cfg.train.precision == "bf16":  # model.safetensors carries what the optimizer holds: the fp32 masters
+        del weights
+        weights = master_weights(ctx.engine, rank)
+    barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
+    if rank == 0:
+        client = ClientState(
+            step=s.step,
+            samples_seen=s.samples_seen,
+            config_fingerprint=cfg.fingerprint(),
+            world_size=ctx.dist.world_size,
+            extra={
+                "nonfinite_steps": s.nonfinite_steps,
+                "skipped_samples_global": s.skipped_global,
+                "weights": WEIGHTS_KIND[cfg.train.precision],
+                **({"eval": _ranking(evaluation)} if evaluation else {}),
+                **optimizer_layout(cfg),
+            },
+        )
+        write_run_files(root / tag, cfg, client, weights)
+        publish(root, tag, cfg.checkpoint.keep_last, best=best)
+    barrier()
+    return root / tag
+
+
+def _ranking(evaluation: dict[str, Any]) -> dict[str, float]:
+    keys = ("itm_acc", "mlm_acc")
+    return {**{k: evaluation[k] for k in keys}, "score": best_score(evaluation)}
+
+
+def best_score(evaluation: dict[str, Any]) -> float:
+    """The recipe's checkpoint metric: held-out ITM accuracy + MLM accuracy."""
+    return float(evaluation["itm_acc"]) + float(evaluation["mlm_acc"])
+
+
+def _check_resumable(path: Path, client: ClientState, ctx: RunContext) -> None:
+    if client.config_fingerprint != ctx.cfg.fingerprint():
+        raise CheckpointError(f"{path} was written for a different model/data layout (config fingerprint differs)")
+    if client.world_size != ctx.dist.world_size:
+        raise CheckpointError(
+            f"{path} was written by {client.world_size} ranks, this run has {ctx.dist.world_size}: "
+            "the per-rank data cursors cannot be re-split exactly"
+        )
+    for key, now in optimizer_layout(ctx.cfg).items():
+        saved = client.extra.get(key, now)  # absent in checkpoints written before this was recorded
+        if saved != now:
+            raise CheckpointError(
+                f"{path} was saved with train.{key}={saved}, this run has {now}: DeepSpeed cannot convert its "
+                f"optimizer state; resume with train.{key}={saved}, or export the weights (gaudi-pretrain "
+                "export-hf) and start a new run from them with model.from_pretrained"
+            )
+
+
+def restore_checkpoint(ctx: RunContext) -> None:
+    """Resume from `checkpoint.resume`: verify the directory, load it without unpickling anything but
+    tensors, and check that the weights are the saved ones."""
+    spec = ctx.cfg.checkpoint.resume
+    path = resolve_checkpoint(spec, ctx.run_dir) if spec else None
+    if path is None:
         return
-    pointer = ckpt_root / LATEST
-    if pointer.is_file() and pointer.read_text().strip() == tag:
-        older = sorted(p.name for p in ckpt_root.glob("step_*") if p.name < tag and (p / CLIENT_STATE).is_file())
-        if older:
-            _atomic_write_text(pointer, older[-1] + "\n")
-        else:
-            pointer.unlink()
-    shutil.rmtree(target)
+    client = read_client_state(path)
+    _check_resumable(path, client, ctx)
+    verify_files(path, client)
+    with weights_only_torch_load():
+        load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}")
+    rank_state = read_rank_state(path, ctx.dist.rank)
+    weights = unwrapped_weights(ctx.engine, ctx.cfg.train.zero_stage)  # a collective under ZeRO-3
+    match = torch.tensor(weights_match(weights, rank_state), device=ctx.backend.device)
+    if not bool(all_ranks(match)):
+        raise CheckpointError(f"weights loaded from {path} differ from the ones saved there (sha256 mismatch)")
+    ctx.loader.load_state_dict(rank_state["data"])
+    rng_warning = set_rng_state(rank_state["rng"], ctx.backend)
+    skipped = rank_state.get("counters", {}).get("skipped_samples", client.extra.get("skipped_samples", 0))
+    s = ctx.state
+    s.step, s.samples_seen, s.resumed_from = client.step, client.samples_seen, str(path)
+    s.skipped_samples = s.skipped_logged = skipped
+    s.skipped_global = client.extra.get("skipped_samples_global", 0)
+    s.nonfinite_steps = client.extra.get("nonfinite_steps", 0)
+    ctx.nonfinite = NonfiniteCounter(ctx.backend.device, total=s.nonfinite_steps)
+    _restore_best(ctx, path.parent)
+    sample_log.truncate(ctx.run_dir, ctx.dist.rank, client.step)
+    if ctx.dist.rank == 0:
+        print(f"resumed from {path} at step {client.step}", flush=True)
+        if rng_warning:
+            print(f"warning: {rng_warning}", flush=True)
 
 
-def publish(ckpt_root: Path, tag: str, keep_last: int) -> None:
-    """Point `latest` at `tag` (atomic), then prune older checkpoints beyond `keep_last`."""
-    maybe_crash("before_latest", int(tag.removeprefix("step_")))
-    _atomic_write_text(ckpt_root / LATEST, tag + "\n")
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name != tag)
-    complete = [p for p in steps if (p / CLIENT_STATE).is_file()]
-    for old in complete[: max(0, len(complete) - (keep_last - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-    # directories left by a crash mid-save, older than the one just published
-    for partial in set(steps) - set(complete):
-        if partial.name < tag:
-            shutil.rmtree(partial, ignore_errors=True)
+def _restore_best(ctx: RunContext, root: Path) -> None:
+    """The best evaluation of the resumed history. A `best` saved after the checkpoint resumed from belongs
+    to an abandoned continuation: rank 0 drops the pointer (its directory is pruned like any other)."""
+    best = read_pointer(root, BEST) if (root / BEST).is_file() else None
+    if best is None:
+        return
+    saved = read_client_state(best)
+    if saved.step <= ctx.state.step and "eval" in saved.extra:
+        ctx.state.best_score, ctx.state.best_step = float(saved.extra["eval"]["score"]), saved.step
+    elif ctx.dist.rank == 0:
+        (root / BEST).unlink()
+
+
+# ------------------------------------------------------------------------------ saved weights
+
+
+def load_checkpoint_model(
+    ckpt: Path, model_cfg: ModelConfig, attention_fn: AttentionFn | None = None
+) -> BridgeTowerForPretraining:
+    """The model of a complete checkpoint, from its model.safetensors; every key must match `model_cfg`."""
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    model = BridgeTowerForPretraining(model_cfg, attention_fn)
+    result = model.load_state_dict(load_file(str(weights)), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{weights} does not match the config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False, best: bool = False
+) -> Path:
+    """`gaudi-pretrain export-hf CHECKPOINT OUT`: a complete checkpoint (or a run's `latest`, or with
+    `best` its `best`) → a transformers directory, from its model.safetensors (fp32 masters) and
+    config.yaml, with the training precision recorded; the tokenizer named by `data.tokenizer` is saved
+    alongside when it can be loaded (a warning, not an error, when it cannot: e.g. an offline Hub name)."""
+    ckpt = resolve_checkpoint(str(checkpoint), pointer=BEST if best else LATEST)
+    cfg = validate_config(read_yaml(ckpt / "config.yaml"))
+    client = read_client_state(ckpt)
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    except Exception as exc:
+        warnings.warn(f"tokenizer '{cfg.data.tokenizer}' not exported: {type(exc).__name__}", stacklevel=2)
+    provenance = {
+        "trained_precision": cfg.train.precision,
+        # checkpoints saved before masters were recorded hold the module's (bf16 in a bf16 run) weights upcast
+        "weights": client.extra.get("weights", "module weights, upcast to fp32"),
+        "step": client.step,
+    }
+    state = load_file(str(ckpt / "model.safetensors"))
+    return export_hf(state, cfg.model, out_dir, tokenizer, overwrite, provenance=provenance)

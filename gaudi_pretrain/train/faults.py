@@ -37,8 +37,12 @@ def _matches(point: str, step: int, rank: int) -> bool:
         lo, dash, hi = steps.partition("-")
         first = int(lo)
         last = (int(hi) if hi else None) if dash else first
-        if (want_point == point and first <= step and (last is None or step <= last)
-                and (not want_rank or int(want_rank) == rank)):
+        if (
+            want_point == point
+            and first <= step
+            and (last is None or step <= last)
+            and (not want_rank or int(want_rank) == rank)
+        ):
             return True
     return False
 

@@ -97,17 +97,23 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 class Throughput:
-    """Wall time and data-wait time between two log steps."""
+    """Wall time, data-wait time and optimizer steps of the current measuring window. `reset()` ends it:
+    at a log step (the record is computed from it), and after an evaluation or a checkpoint save (their
+    time and the steps before them are left out, so a window never divides more steps by less time)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
+        self.steps = 0
 
-    def reset(self) -> tuple[float, float]:
+    def add_step(self) -> None:
+        self.steps += 1
+
+    def reset(self) -> tuple[float, float, int]:
         now = time.perf_counter()
-        elapsed, wait = now - self.start, self.data_wait
-        self.start, self.data_wait = now, 0.0
-        return elapsed, wait
+        elapsed, wait, steps = now - self.start, self.data_wait, self.steps
+        self.start, self.data_wait, self.steps = now, 0.0, 0
+        return elapsed, wait, steps
 
 
 class MetricsWriter:

@@ -75,6 +75,11 @@ class NonfiniteCounter:
         return total, run, longest
 
 
+def read_counts(state: Any, counter: NonfiniteCounter) -> None:
+    """Bring the device's skip counts into the host state (the logging cadence, checkpoints)."""
+    state.nonfinite_steps, state.consecutive_nonfinite, state.longest_nonfinite = counter.read()
+
+
 def decides_on_device(engine: Any, optimizer: Any) -> bool:
     """Whether the step can be cancelled on the device (see the module docstring for when it cannot)."""
     return bool(getattr(optimizer, "supports_device_skip", False)) and not hasattr(engine.optimizer, "clear_hp_grads")

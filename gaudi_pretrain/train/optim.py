@@ -25,12 +25,14 @@ and the schedule is a plain LambdaLR.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from gaudi_pretrain.config import OptimConfig
+from gaudi_pretrain.utils import unwrapped_name
 
 NO_DECAY_NAMES = (
     "bias",
@@ -58,10 +60,6 @@ def _norm_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _strip_wrappers(name: str) -> str:
-    return name.replace("_orig_mod.", "").removeprefix("module.")
-
-
 def is_no_decay(name: str, norm_params: set[str] = frozenset()) -> bool:
     return name in norm_params or any(key in name for key in NO_DECAY_NAMES)
 
@@ -72,7 +70,7 @@ def is_lr_multiplied(name: str) -> bool:
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups with BridgeTower's weight-decay exemptions and lr multipliers."""
-    norm_params = {_strip_wrappers(n) for n in _norm_parameter_names(model)}
+    norm_params = {unwrapped_name(n) for n in _norm_parameter_names(model)}
     groups: dict[str, dict[str, Any]] = {
         "decay": {"weight_decay": cfg.weight_decay, "lr": cfg.lr},
         "no_decay": {"weight_decay": 0.0, "lr": cfg.lr},
@@ -84,7 +82,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = _strip_wrappers(raw_name)
+        name = unwrapped_name(raw_name)
         key = "no_decay" if is_no_decay(name, norm_params) else "decay"
         if is_lr_multiplied(name):
             key += "_mult"
@@ -126,8 +124,14 @@ class GuardedAdamW(torch.optim.Optimizer):
 
     supports_device_skip = True
 
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.found_inf: torch.Tensor | None = None
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import traceback
 
 EVENTS: list[tuple] = []
@@ -39,8 +38,9 @@ def reset() -> None:
 
     EVENTS.clear()
     STATE.clear()
-    STATE.update(available=True, device_name="GAUDI2", compiles=0, max_memory=123456,
-                 rng=torch.arange(16, dtype=torch.uint8))
+    STATE.update(
+        available=True, device_name="GAUDI2", compiles=0, max_memory=123456, rng=torch.arange(16, dtype=torch.uint8)
+    )
 
 
 def record(*event) -> None:
@@ -87,10 +87,21 @@ def _lower_precision_functions():
     import torch
     import torch.nn.functional as F
 
-    return {F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm", F.softmax: "softmax",
-            torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.log_softmax: "log_softmax",
-            torch.log_softmax: "log_softmax", torch.Tensor.log_softmax: "log_softmax", torch.mean: "mean",
-            torch.Tensor.mean: "mean", torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul"}
+    return {
+        F.layer_norm: "layer_norm",
+        torch.layer_norm: "layer_norm",
+        F.softmax: "softmax",
+        torch.softmax: "softmax",
+        torch.Tensor.softmax: "softmax",
+        F.log_softmax: "log_softmax",
+        torch.log_softmax: "log_softmax",
+        torch.Tensor.log_softmax: "log_softmax",
+        torch.mean: "mean",
+        torch.Tensor.mean: "mean",
+        torch.mul: "mul",
+        torch.Tensor.mul: "mul",
+        torch.Tensor.__mul__: "mul",
+    }
 
 
 def _make_modes():
@@ -109,8 +120,11 @@ def _make_modes():
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = lower.get(func)
-            if name and torch.is_autocast_enabled("cpu") and any(
-                    isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args):
+            if (
+                name
+                and torch.is_autocast_enabled("cpu")
+                and any(isinstance(a, torch.Tensor) and a.dtype == torch.float32 for a in args)
+            ):
                 args = tuple(to_bf16(a) for a in args)
                 kwargs = {k: to_bf16(v) for k, v in kwargs.items()}
                 record("autocast_bf16", name, "/".join(our_stack_functions()[-2:]))
@@ -124,8 +138,9 @@ def _make_modes():
                 who, fn = caller()
                 record("host_sync", who, fn, "/".join(our_stack_functions()))
             if name in ("allreduce_", "reduce_", "reduce_scatter_", "_reduce_scatter_base_"):
-                tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
-                           if isinstance(t, torch.Tensor)]
+                tensors = [
+                    t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)
+                ]
                 wide = [t.dtype for t in tensors if t.dtype in (torch.float64, torch.int64)]
                 if wide:
                     who, fn = caller()

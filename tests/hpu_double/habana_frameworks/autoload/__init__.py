@@ -6,6 +6,7 @@ v1.19.0 source lazy mode is the default ("1"); since 1.21 eager is (docs.habana.
 Variables": PT_HPU_LAZY_MODE default 0; HabanaAI/Gaudi-tutorials PR 131: "Lazy mode is no longer the
 default execution mode ... since 1.21.0"), so this double, a 1.22 bridge, treats an unset variable as eager.
 """
+
 import os
 
 is_loaded = False

@@ -2,8 +2,10 @@
 and cached now: the real package loads the lazy or the eager native library here), then imports core,
 distributed.hccl and hpu, as gaudi-pytorch-bridge v1.19.0 python_packages/habana_frameworks/torch/__init__.py
 does. With HPU_DOUBLE_TRACK=1 the device tracking mode starts here (see _hpu_double)."""
-import habana_frameworks.autoload
+
 from _hpu_double import record_import, start_tracking
+
+import habana_frameworks.autoload
 
 habana_frameworks.autoload.is_loaded = True
 record_import(__name__)

@@ -2,9 +2,10 @@
 import by @lazy_only: gaudi-pytorch-bridge v1.19.0 torch/core/step_closure.py), and the "hpu_backend"
 torch.compile backend, registered on import (torch/dynamo/compile_backend/backends.py). The double's
 backend compiles nothing (it hands the graph back to run eagerly) and counts the graphs it is given."""
-import torch
 
+import torch
 from _hpu_double import STATE, caller, record, record_import
+
 from habana_frameworks.torch.utils.internal import is_lazy, lazy_only
 
 record_import(__name__)

@@ -2,6 +2,7 @@
 python_packages/habana_frameworks/torch/hpu/__init__.py and memory.py; the random functions are
 re-exported here, as the real module does with `from .random import *`). Answers come from
 _hpu_double.STATE; synchronize is recorded (a host wait for the device queue)."""
+
 from _hpu_double import STATE, caller, record, record_import
 
 record_import(__name__)

@@ -1,5 +1,6 @@
 """habana_frameworks.torch.hpu.metrics: metric_global("graph_compilation").stats() -> [(name, value)]
 (gaudi-pytorch-bridge v1.19.0 hpu/metrics/metrics.py: TotalNumber, TotalTime, AvgTime)."""
+
 from _hpu_double import STATE, record_import
 
 record_import(__name__)

@@ -1,7 +1,7 @@
 """habana_frameworks.torch.hpu.random (gaudi-pytorch-bridge v1.19.0 hpu/random.py `__all__`): the device
 generator's state, seeding. The state lives in _hpu_double.STATE["rng"]."""
-import torch
 
+import torch
 from _hpu_double import STATE, record, record_import
 
 record_import(__name__)

@@ -1,5 +1,6 @@
 """`is_lazy()`: the execution mode, read once from PT_HPU_LAZY_MODE and cached (gaudi-pytorch-bridge v1.19.0
 python_packages/habana_frameworks/torch/utils/internal.py; unset = eager since 1.21, see autoload)."""
+
 import os
 
 

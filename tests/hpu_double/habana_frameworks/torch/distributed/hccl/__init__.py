@@ -10,16 +10,19 @@ at import):
   bridge acquires any free card "by type"; ID = RANK.
 The backend the double registers is gloo underneath (CPU tensors stand in for the device), and the
 tracking mode refuses 64-bit reductions coming from our code (see _hpu_double)."""
+
 import os
 
 import torch.distributed as dist
-
 from _hpu_double import record, record_import
 
 record_import(__name__)
 
-_OMPI = {"OMPI_COMM_WORLD_LOCAL_RANK": "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE": "WORLD_SIZE",
-         "OMPI_COMM_WORLD_RANK": "RANK"}
+_OMPI = {
+    "OMPI_COMM_WORLD_LOCAL_RANK": "LOCAL_RANK",
+    "OMPI_COMM_WORLD_SIZE": "WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK": "RANK",
+}
 
 
 def _environment_from_mpi() -> None:

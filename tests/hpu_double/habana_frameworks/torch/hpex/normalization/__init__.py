@@ -1,8 +1,8 @@
 """FusedClipNorm(parameters, max_norm).clip_norm(parameters): a plain class; clips the gradients in place to
 a global L2 norm and returns the norm before clipping (gaudi-pytorch-bridge v1.19.0
 hpex/normalization/FusedClipNorm.py). The double computes it with torch."""
-import torch
 
+import torch
 from _hpu_double import record, record_import
 
 record_import(__name__)

@@ -9,23 +9,26 @@ hpex/optimizers/FusedAdamW.py:
 * `step()` calls mark_step (lazy mode) before each group and after the step.
 The fused kernel's arithmetic is not published: the double applies the decay factor, then the Adam update
 w += -step_size * m / (sqrt(v) + eps), and records each constructor call and step."""
+
 import math
 
 import torch
+from _hpu_double import record, record_import
 from torch.optim import Optimizer
 
-from _hpu_double import record, record_import
 from habana_frameworks.torch.core import step_closure
 
 record_import(__name__)
 
 
 class FusedAdamW(Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=True,
-                 moments_dtype=None):
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, bias_correction=True, moments_dtype=None
+    ):
         record("FusedAdamW", {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      bias_correction=bias_correction))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+        )
         self.moments_dtype = moments_dtype
 
     @torch.no_grad()

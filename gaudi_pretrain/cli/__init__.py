@@ -1,7 +1,7 @@
-"""`gaudi-pretrain`: the command-line entry point.
+"""`gaudi-pretrain`: the command-line entry point (docs/commands.md).
 
-Each area registers its own subcommands (`register(subparsers)`), and heavy imports (torch, deepspeed,
-transformers) happen inside the handlers, so `--help` is instant. Errors meant for the user
+Each module of this package registers its subcommands (`register(subparsers)`); heavy imports (torch,
+DeepSpeed, transformers) happen inside the handlers, so `--help` is instant. Errors meant for the user
 (GaudiPretrainError) are printed as one line and exit with status 2.
 """
 
@@ -12,25 +12,17 @@ import importlib
 import sys
 
 from gaudi_pretrain import __version__
+from gaudi_pretrain.cli.args import add_config_arguments
 from gaudi_pretrain.errors import GaudiPretrainError
 
 # Modules that provide `register(subparsers)`; each adds its subcommands with a `handler`.
 COMMAND_MODULES = [
-    "gaudi_pretrain.train.commands",
-    "gaudi_pretrain.data.commands",
-    "gaudi_pretrain.model.commands",
+    "gaudi_pretrain.cli.train",
+    "gaudi_pretrain.cli.demo",
+    "gaudi_pretrain.cli.plot",
+    "gaudi_pretrain.cli.shards",
+    "gaudi_pretrain.cli.export",
 ]
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The `--config FILE [section.key=value ...]` pair every config-driven subcommand takes."""
-    parser.add_argument("--config", required=required, help="YAML run config (see configs/)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.key=value",
-        help="dotted overrides applied on top of the file, e.g. train.micro_batch_size=8",
-    )
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -43,8 +35,11 @@ def _config_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     derived = deepspeed_config(cfg, args.world_size)  # validates the batch geometry before anything prints
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print("# derived DeepSpeed config for world size", args.world_size,
-          "(gradient_clipping moves to the training loop when the backend clips: fp32 with ZeRO 0)")
+    print(
+        "# derived DeepSpeed config for world size",
+        args.world_size,
+        "(gradient_clipping moves to the training loop when the backend clips: fp32 with ZeRO 0)",
+    )
     print("# " + json.dumps(derived))
     return 0
 
@@ -83,7 +78,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gaudi-pretrain {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

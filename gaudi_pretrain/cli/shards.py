@@ -40,9 +40,13 @@ def register(subparsers: Any) -> None:
     build.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per shard (default 10000)")
     build.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     build.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    build.add_argument("--key-prefix", default="", metavar="PREFIX",
-                       help="prefix of every sample key, e.g. 'cc3m-' (letters, digits, _ and -; default none): "
-                       "give each source its own when a run trains on several builds")
+    build.add_argument(
+        "--key-prefix",
+        default="",
+        metavar="PREFIX",
+        help="prefix of every sample key, e.g. 'cc3m-' (letters, digits, _ and -; default none): "
+        "give each source its own when a run trains on several builds",
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_build)
 
@@ -88,13 +92,21 @@ def _build(args: argparse.Namespace) -> int:
     else:
         inputs = shards.records_from_coco(args.coco_json, args.coco_images)
     manifest = shards.build_shards(
-        inputs, args.out, image_size=args.image_size, samples_per_shard=args.samples_per_shard,
-        workers=args.workers, quality=args.quality, progress=not args.no_progress, key_prefix=args.key_prefix,
+        inputs,
+        args.out,
+        image_size=args.image_size,
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers,
+        quality=args.quality,
+        progress=not args.no_progress,
+        key_prefix=args.key_prefix,
     )
     skipped = manifest["skipped"]
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped["by_reason"].items())) or "none"
-    print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out} "
-          f"({manifest['reused_shards']} reused); skipped {skipped['count']} ({reasons})")
+    print(
+        f"wrote {manifest['total']} samples in {len(manifest['shards'])} shards to {args.out} "
+        f"({manifest['reused_shards']} reused); skipped {skipped['count']} ({reasons})"
+    )
     return 0
 
 
@@ -106,8 +118,10 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
         return 0
     sizes = [s["samples"] for s in report["shards"]]
-    print(f"{len(sizes)} shards, {report['total_samples']} samples, {report['total_bytes'] / 1e6:.1f} MB "
-          f"(per shard: min {min(sizes)}, max {max(sizes)})")
+    print(
+        f"{len(sizes)} shards, {report['total_samples']} samples, {report['total_bytes'] / 1e6:.1f} MB "
+        f"(per shard: min {min(sizes)}, max {max(sizes)})"
+    )
     print(f"members: {report['members_by_extension']}; samples without caption: {report['samples_without_caption']}")
     for err in report["errors"]:
         print(f"read error: {err}")
@@ -119,9 +133,17 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gaudi_pretrain.data.synthetic import build_demo_dataset
 
-    summary = build_demo_dataset(args.out, seed=args.seed, train_samples=args.train_samples,
-                         eval_samples=args.eval_samples, image_size=args.image_size, workers=args.workers)
-    print(f"demo dataset in {args.out}: train {summary['train']['samples']} samples in shards "
-          f"{summary['train']['shards']}, eval {summary['eval']['samples']}, tokenizer vocab "
-          f"{summary['tokenizer']['vocab_size']} at {summary['tokenizer']['path']}")
+    summary = build_demo_dataset(
+        args.out,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        eval_samples=args.eval_samples,
+        image_size=args.image_size,
+        workers=args.workers,
+    )
+    print(
+        f"demo dataset in {args.out}: train {summary['train']['samples']} samples in shards "
+        f"{summary['train']['shards']}, eval {summary['eval']['samples']}, tokenizer vocab "
+        f"{summary['tokenizer']['vocab_size']} at {summary['tokenizer']['path']}"
+    )
     return 0

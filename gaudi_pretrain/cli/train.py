@@ -1,10 +1,13 @@
-"""Subcommands `train`, `eval`, `demo` and `plot`."""
+"""Subcommands `train`, `launch-env` and `eval`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
+
+from gaudi_pretrain.cli.args import add_config_arguments
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -14,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
-    from gaudi_pretrain.train.loop import train
+    from gaudi_pretrain.train import train
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # set for every rank by distributed.init_distributed
@@ -33,31 +36,26 @@ def _launch_env(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gaudi_pretrain.train.standalone import evaluate_checkpoint
+    from gaudi_pretrain import launch_env
+    from gaudi_pretrain.config import apply_overrides, load_config, read_yaml, validate_config
+    from gaudi_pretrain.errors import CheckpointError
+    from gaudi_pretrain.train.checkpoint_dirs import resolve_checkpoint
 
-    record = evaluate_checkpoint(args.checkpoint, args.overrides, config_path=args.config)
-    print(json.dumps(record))
-    return 0
+    ckpt = resolve_checkpoint(args.checkpoint, args.checkpoint)
+    if ckpt is None:
+        raise CheckpointError(f"no complete checkpoint at {args.checkpoint}")
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = validate_config(apply_overrides(read_yaml(ckpt / "config.yaml"), args.overrides))
+    launch_env.apply(cfg.backend, can_set="torch" not in sys.modules)  # the Gaudi bridge reads it on import
+    from gaudi_pretrain.train.evaluate import evaluate_checkpoint
 
-
-def _demo(args: argparse.Namespace) -> int:
-    from gaudi_pretrain.train.demo import run_demo
-
-    run_demo(args.out, steps=args.steps, overrides=args.overrides)
-    return 0
-
-
-def _plot(args: argparse.Namespace) -> int:
-    from gaudi_pretrain.train.plot import plot_run
-
-    path = plot_run(args.run_dir, args.out)
-    print(path)
+    print(json.dumps(evaluate_checkpoint(ckpt, cfg)))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gaudi_pretrain.cli import add_config_arguments
-
     p = sub.add_parser(
         "train",
         help="pretrain BridgeTower (ITM+MLM) with DeepSpeed on hpu/cuda/cpu",
@@ -65,8 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Launch one process per device (mpirun, torchrun or deepspeed set the rank environment).",
     )
     add_config_arguments(p)
-    p.add_argument("--resume", metavar="auto|DIR", default=None,
-                   help="resume from the latest checkpoint of the run ('auto') or from a checkpoint directory")
+    p.add_argument(
+        "--resume",
+        metavar="auto|DIR",
+        default=None,
+        help="resume from the latest checkpoint of the run ('auto') or from a checkpoint directory",
+    )
     p.set_defaults(handler=_train)
 
     p = sub.add_parser(
@@ -90,23 +92,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="config to use instead of the checkpoint's config.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides")
     p.set_defaults(handler=_eval)
-
-    p = sub.add_parser(
-        "demo",
-        help="build the embedded demo set, train the tiny model on CPU, evaluate and export",
-        description="The whole pipeline in a few minutes on CPU: OUT/shards (demo dataset), OUT/run "
-        "(training run), OUT/hf (transformers export). The last line printed is a JSON summary.",
-    )
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/tiny.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for the tiny config")
-    p.set_defaults(handler=_demo)
-
-    p = sub.add_parser(
-        "plot",
-        help="write a PNG of loss, accuracy and throughput curves of a run",
-        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/curves.png (or --out).",
-    )
-    p.add_argument("run_dir", help="run directory holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
-    p.set_defaults(handler=_plot)

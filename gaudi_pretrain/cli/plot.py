@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from gaudi_pretrain.errors import GaudiPretrainError
-from gaudi_pretrain.train.metrics import read_metrics
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -18,6 +18,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from gaudi_pretrain.train.metrics import read_metrics
 
     records = read_metrics(run_dir)
     if not records:
@@ -47,3 +49,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot(args: argparse.Namespace) -> int:
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="write a PNG of loss, accuracy and throughput curves of a run",
+        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/curves.png (or --out).",
+    )
+    p.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(handler=_plot)
