@@ -191,6 +191,12 @@ class TrainConfig(_Section):
     max_consecutive_nonfinite: int = Field(
         5, gt=0, description="consecutive skipped (non-finite) optimizer steps before the run stops"
     )
+    collective_timeout_s: float = Field(
+        600.0,
+        ge=10,
+        description="a collective waiting longer than this fails the run (a dead peer): the survivors exit non-zero "
+        "naming the last checkpoint, for the launcher to relaunch with `--resume auto`",
+    )
 
 
 class BackendConfig(_Section):
@@ -228,6 +234,12 @@ class CheckpointConfig(_Section):
     )
     export_hf: bool = Field(
         True, description="rank 0 writes a transformers export to `<output_dir>/hf` at the end of `train`"
+    )
+    preemption_check_steps: int = Field(
+        10,
+        gt=0,
+        description="every N steps the ranks agree on whether any got SIGTERM (one scalar all-reduce); if so they "
+        "save a checkpoint and exit 0",
     )
 
 
@@ -374,21 +386,51 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 # ------------------------------------------------------------------------------------ deepspeed
 
 
-def check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
-    """Return the global batch; raise if the configured one disagrees with micro × accum × world."""
+def fit_batch_geometry(cfg: RunConfig, world_size: int) -> RunConfig:
+    """`cfg` with `train.gradient_accumulation_steps` derived from `train.global_batch_size` when that is set
+    (so a relaunch on another world size keeps the global batch and the schedule); unchanged otherwise.
+    Raises when micro × world does not divide the global batch, naming the nearest feasible ones."""
     t = cfg.train
-    derived = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    if t.global_batch_size is None:
+        return cfg
     per_step = t.micro_batch_size * world_size
-    if t.global_batch_size is not None and t.global_batch_size % per_step:
+    if t.global_batch_size % per_step:
+        options = ", ".join(
+            f"{g} (micro {m} x accumulation {a})"
+            for g, m, a in _nearest_batches(t.global_batch_size, world_size, t.micro_batch_size)
+        )
         raise ConfigError(
             f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
-            f"{t.micro_batch_size} x world size {world_size} = {per_step}"
+            f"{t.micro_batch_size} x world size {world_size} = {per_step}; nearest feasible on {world_size} "
+            f"ranks: {options} (set train.global_batch_size and train.micro_batch_size)"
         )
+    accumulation = t.global_batch_size // per_step
+    if accumulation == t.gradient_accumulation_steps:
+        return cfg
+    return cfg.model_copy(update={"train": t.model_copy(update={"gradient_accumulation_steps": accumulation})})
+
+
+def _nearest_batches(target: int, world_size: int, max_micro: int, count: int = 3) -> list[tuple[int, int, int]]:
+    found: dict[int, tuple[int, int, int]] = {}
+    for micro in range(max_micro, max(1, max_micro // 2) - 1, -1):  # micro batches near the configured one
+        base = max(1, target // (micro * world_size))
+        for acc in (base, base + 1):
+            g = micro * acc * world_size
+            found.setdefault(g, (g, micro, acc))  # the largest micro batch for each global batch
+    return sorted(found.values(), key=lambda c: (abs(c[0] - target), -c[1]))[:count]
+
+
+def check_batch_geometry(cfg: RunConfig, world_size: int) -> int:
+    """Return the global batch; raise if the configured one disagrees with micro × accum × world
+    (`fit_batch_geometry` first derives the accumulation from it)."""
+    t = cfg.train
+    derived = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    fit_batch_geometry(cfg, world_size)  # raises when no accumulation fits
     if t.global_batch_size is not None and t.global_batch_size != derived:
         raise ConfigError(
             f"train.global_batch_size {t.global_batch_size} != micro_batch_size {t.micro_batch_size} "
             f"x gradient_accumulation_steps {t.gradient_accumulation_steps} x world size {world_size} = {derived} "
-            f"(use gradient_accumulation_steps {t.global_batch_size // per_step})"
+            f"(use gradient_accumulation_steps {t.global_batch_size // (t.micro_batch_size * world_size)})"
         )
     return derived
 

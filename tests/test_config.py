@@ -94,6 +94,22 @@ def test_global_batch_must_match_geometry():
     assert deepspeed_config(cfg, 64)["train_batch_size"] == 4096
 
 
+def test_relaunch_on_another_world_size_keeps_the_global_batch():
+    """A relaunch on fewer devices derives the accumulation from train.global_batch_size; where no
+    accumulation fits it refuses in one line naming the nearest feasible global batches."""
+    from gaudi_pretrain.config import fit_batch_geometry
+
+    cfg = load_config("configs/bridgetower_large.yaml")
+    assert fit_batch_geometry(cfg, 64) is cfg
+    fitted = fit_batch_geometry(cfg, 32)
+    assert fitted.train.gradient_accumulation_steps == 8 and deepspeed_config(fitted, 32)["train_batch_size"] == 4096
+    with pytest.raises(
+        ConfigError, match=r"world size 56 = 896; nearest feasible on 56 ranks: 4032 \(micro 12 x accumulation 6\)"
+    ) as err:
+        fit_batch_geometry(cfg, 56)
+    assert "\n" not in str(err.value)
+
+
 def test_fingerprint_tracks_model_not_schedule():
     a = load_config("configs/tiny.yaml")
     b = load_config("configs/tiny.yaml", ["train.max_steps=7", "optim.lr=0.5"])

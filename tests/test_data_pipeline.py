@@ -190,17 +190,18 @@ def test_resume_continues_with_identical_batches(unequal_shards, tokenizer, tmp_
     assert sum(r[4] for r in reference[: loader.batches_per_epoch]) == 1  # the corrupt jpeg
     for k in (2, loader.batches_per_epoch - 1):  # odd batch (worker offset) and epoch end
         fresh = build_loader(cfg, tokenizer)
-        fresh.load_state_dict(states[k])
+        assert fresh.resume([states[k]]) is False  # same geometry: this rank's cursor, no re-split
         resumed = [_signature(b) for b in take(fresh, total - k - 1)]
         assert resumed == reference[k + 1 :]
 
 
-def test_resume_refuses_a_changed_layout(unequal_shards, tokenizer):
+def test_resume_refuses_a_changed_sample_order(unequal_shards, tokenizer):
     root, _ = unequal_shards
-    state = build_loader(make_cfg([root], workers=2), tokenizer).state_dict()
-    other = build_loader(make_cfg([root], workers=1), tokenizer)
-    with pytest.raises(DataError, match="workers"):
-        other.load_state_dict(state)
+    state = build_loader(make_cfg([root], workers=1), tokenizer).state_dict()
+    for changed in ({"shuffle_buffer": 5}, {"resampled": True}):
+        other = build_loader(make_cfg([root], workers=1, **changed), tokenizer)
+        with pytest.raises(DataError, match=f"sample order changed: {next(iter(changed))}"):
+            other.resume([state])
 
 
 def test_corrupt_missing_truncated_and_empty_shards_are_skipped_and_counted(tmp_path, tokenizer):
@@ -295,3 +296,63 @@ def test_hard_negatives_ramp_in_over_the_configured_epochs(demo_shards):
             one_word[i // n].append(sum(x != y for x, y in zip(a, b)) == 1)
     share = {epoch: float(np.mean(v)) for epoch, v in one_word.items()}
     assert share[0] < 0.25 and share[2] > 0.9 and share[0] < share[1] < share[2], share
+
+
+def _epoch_keys(loader, epoch: int) -> tuple[list[str], int]:
+    """The sample keys (padding rows left out) and the batch count `loader` yields until `epoch` ends."""
+    keys, batches, it = [], 0, iter(loader)
+    while loader.epoch == epoch:
+        keys += [k for k in next(it)["keys"] if k]
+        batches += 1
+    return keys, batches
+
+
+def _consume(loaders, n: int) -> list[str]:
+    keys = []
+    for loader in loaders:
+        for batch in take(loader, n):
+            keys += [k for k in batch["keys"] if k]
+    return keys
+
+
+@pytest.mark.parametrize(
+    "geometries",
+    [
+        [(2, 1, 4), (1, 1, 4)],  # (world size, workers, micro batch): 2 ranks → 1
+        [(2, 1, 4), (3, 1, 3)],  # 2 → 3 with another micro batch
+        [(2, 1, 4), (3, 2, 2), (1, 1, 5)],  # workers 1 → 2, then interrupted again inside the remainder
+    ],
+)
+def test_resplit_over_a_new_geometry_uses_every_sample_once(unequal_shards, tokenizer, geometries):
+    """Each geometry consumes 3 batches per rank of the epoch's remainder, then the next resumes from all
+    ranks' states; the last finishes the epoch. Every key exactly once over the interrupted epoch, equal
+    batch counts on every rank, and the next epoch is whole and exact in the new geometry."""
+    root, all_keys = unequal_shards
+    used: list[str] = []
+    states = None
+    for i, (world, workers, batch) in enumerate(geometries):
+        cfg = make_cfg([root], batch=batch, workers=workers)
+        loaders = [build_loader(cfg, tokenizer, rank=r, world_size=world) for r in range(world)]
+        if states is not None:
+            assert all(loader.resume(states) for loader in loaders)
+        if i < len(geometries) - 1:
+            used += _consume(loaders, 3)
+            states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+            continue
+        rest = [_epoch_keys(loader, 0) for loader in loaders]
+        assert len({n for _, n in rest}) == 1, f"ranks yield different batch counts: {rest}"
+        used += [k for keys, _ in rest for k in keys]
+        next_epoch = [k for loader in loaders for k in _epoch_keys(loader, 1)[0]]
+    assert len(used) == len(set(used)) and set(used) == all_keys, (len(used), len(set(used)), len(all_keys))
+    assert len(next_epoch) == len(set(next_epoch)) and set(next_epoch) == all_keys
+
+
+def test_resplit_at_an_epoch_boundary_starts_the_next_epoch_whole(unequal_shards, tokenizer):
+    root, all_keys = unequal_shards
+    old = [build_loader(make_cfg([root], batch=4, workers=1), tokenizer, rank=r, world_size=2) for r in range(2)]
+    _consume(old, old[0].batches_per_epoch)
+    states = [loader.state_dict() for loader in old]
+    new = build_loader(make_cfg([root], batch=4, workers=1), tokenizer)
+    assert new.resume(states) and new.epoch == 1
+    keys, batches = _epoch_keys(new, 1)
+    assert sorted(keys) == sorted(all_keys) and batches == new.batches_per_epoch

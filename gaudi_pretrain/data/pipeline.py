@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gaudi_pretrain.data.epoch_plan import EpochPlan, blocks, fresh_plan, remainder, select, split_range
 from gaudi_pretrain.data.masking import itm_negatives, mask_tokens
 from gaudi_pretrain.data.shards import (
     IMAGE_EXTS,
@@ -35,7 +37,8 @@ from gaudi_pretrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: before re-split plans were recorded
 _READ_EXTS = ("txt", "json") + IMAGE_EXTS
 _TAG_ORDER, _TAG_BLOCK, _TAG_BATCH = 1, 2, 3  # keep the seeded streams independent
 
@@ -79,8 +82,18 @@ class LoaderSpec:
 
     @property
     def worker_batches(self) -> int:
-        """Batches each worker yields per epoch (the same for all)."""
-        return max(1, math.ceil(math.ceil(self.num_samples / self.parts) / self.batch_size))
+        """Batches each worker yields in a fresh epoch (the same for all)."""
+        return self.batches_for(fresh_plan(self.num_samples, self.parts))
+
+    def batches_for(self, plan: EpochPlan) -> int:
+        """Batches each worker yields for `plan` (the same for all; 0 for an empty plan)."""
+        if plan.length == 0:
+            return 0
+        return max(1, math.ceil(math.ceil(plan.length / self.parts) / self.batch_size))
+
+    def plan(self, epoch: int, plans: dict[int, EpochPlan]) -> EpochPlan:
+        """The epoch's plan: a re-split remainder when a resume left one, else the whole epoch."""
+        return plans.get(epoch) or fresh_plan(self.num_samples, self.parts)
 
     def epoch_segments(self, epoch: int) -> list[tuple[int, int, int]]:
         """The epoch's sample order as (shard index, first, stop) segments covering exactly N samples."""
@@ -96,11 +109,6 @@ class LoaderSpec:
             segments.append((k, 0, take))
             total += take
         return segments
-
-    def worker_range(self, logical_worker: int) -> tuple[int, int]:
-        g = self.rank * self.workers + logical_worker
-        n, p = self.num_samples, self.parts
-        return g * n // p, (g + 1) * n // p
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -214,45 +222,61 @@ def _block_size(spec: LoaderSpec) -> int:
     return spec.shuffle_buffer if spec.shuffle and spec.shuffle_buffer > 1 else 1
 
 
-def _shuffled_range(spec: LoaderSpec, epoch: int, g: int, length: int, pos0: int, raw: Iterator[Any]) -> Iterator[Any]:
-    """Yield the worker's items from position pos0 on, in block-shuffled order (raw = natural order
-    starting at the block that holds pos0)."""
-    block = _block_size(spec)
-    for b in count(pos0 // block):
-        lo = b * block
-        if lo >= length:
-            return
-        items = [next(raw) for _ in range(min(block, length - lo))]
+class _BlockReader:
+    """Reads natural-order sample ranges, continuing one open stream while the ranges follow each other."""
+
+    def __init__(self, spec: LoaderSpec, segments: list[tuple[int, int, int]]):
+        self.spec, self.segments = spec, segments
+        self.raw: Iterator[Any] | None = None
+        self.next = self.limit = -1
+
+    def read(self, lo: int, hi: int, limit: int) -> list[Any]:
+        if self.raw is None or lo != self.next or hi > self.limit:
+            self.raw, self.limit = _raw_samples(self.spec, self.segments, lo, limit), limit
+        self.next = hi
+        return [next(self.raw) for _ in range(hi - lo)]
+
+
+def _plan_items(spec: LoaderSpec, epoch: int, plan: EpochPlan, start: int, stop: int) -> Iterator[Any]:
+    """The raw items at plan positions [start, stop): each base block is read in natural order and
+    served in its seeded shuffled order."""
+    block, n = _block_size(spec), spec.num_samples
+    reader = _BlockReader(spec, spec.epoch_segments(epoch))
+    for g, b, first, end in blocks(n, plan.base_parts, block, select(plan, start, stop)):
+        lo, hi = split_range(n, plan.base_parts, g)
+        block_lo = lo + b * block
+        items = reader.read(block_lo, min(block_lo + block, hi), hi)
         order = (
             _rng(spec.seed, spec.split_tag, _TAG_BLOCK, epoch, g, b).permutation(len(items))
             if block > 1
             else range(len(items))
         )
-        for j, idx in enumerate(order):
-            if lo + j >= pos0:
-                yield items[idx]
+        for j in range(first, end):
+            yield items[order[j]]
 
 
 def iter_worker_batches(
-    spec: LoaderSpec, tokenizer: Any, logical_worker: int, cursor: dict[str, int]
+    spec: LoaderSpec,
+    tokenizer: Any,
+    logical_worker: int,
+    cursor: dict[str, int],
+    plans: dict[int, EpochPlan] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The infinite batch stream of one logical worker, starting at `cursor` (epoch, batch, pos)."""
     make = _BatchMaker(spec, tokenizer)
     g = spec.rank * spec.workers + logical_worker
-    nb = spec.worker_batches
     for epoch in count(cursor["epoch"]):
+        plan = spec.plan(epoch, plans or {})
+        nb = spec.batches_for(plan)
         first = epoch == cursor["epoch"]
         k0, pos = (cursor["batch"], cursor["pos"]) if first else (0, 0)
-        lo, hi = spec.worker_range(logical_worker)
-        length = hi - lo
-        block = _block_size(spec)
-        raw_from = lo + min(pos // block * block, length)
-        raw = _raw_samples(spec, spec.epoch_segments(epoch), raw_from, hi)
-        items = _shuffled_range(spec, epoch, g, length, pos, raw)
+        start, stop = split_range(plan.length, spec.parts, g)
+        length = stop - start
+        items = _plan_items(spec, epoch, plan, start + pos, stop)
         for k in range(k0, nb):
             rows: list[tuple[str, str, np.ndarray]] = []
             skipped = 0
-            # The last batch drains the range, so trailing corrupt samples are still counted.
+            # The last batch drains the slice, so trailing corrupt samples are still counted.
             while pos < length and (len(rows) < spec.batch_size or k == nb - 1):
                 sample = _decode(next(items), spec.image_size)
                 pos += 1
@@ -260,7 +284,7 @@ def iter_worker_batches(
                     skipped += 1
                 elif len(rows) < spec.batch_size:
                     rows.append(sample)
-                else:  # impossible by construction (nb * B >= range length); fail loudly if not
+                else:  # impossible by construction (nb * B >= slice length); fail loudly if not
                     raise RuntimeError("data plan error: more samples than batches")
             batch = make(rows, _rng(spec.seed, spec.split_tag, _TAG_BATCH, epoch, g, k), epoch)
             batch["skipped"] = skipped  # a host count (an int, no tensor): the loop never reads the device for it
@@ -268,18 +292,31 @@ def iter_worker_batches(
             yield batch
 
 
+def _ignore_sigterm(_worker_id: int) -> None:
+    """A job-wide SIGTERM (Slurm signals every process) must not kill a loader worker before its rank has
+    saved: the rank handles it (train/preemption.py); workers exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _BatchStream(torch.utils.data.IterableDataset):
     """DataLoader worker w serves logical worker (w + offset) % workers: after a resume the
     DataLoader's round-robin restarts at worker 0, the rank's batch order must not.
     A module-level class, so it also pickles under the spawn start method (macOS, Windows)."""
 
-    def __init__(self, spec: LoaderSpec, tokenizer: Any, cursors: list[dict[str, int]], offset: int):
-        self.spec, self.tokenizer, self.cursors, self.offset = spec, tokenizer, cursors, offset
+    def __init__(
+        self,
+        spec: LoaderSpec,
+        tokenizer: Any,
+        cursors: list[dict[str, int]],
+        offset: int,
+        plans: dict[int, EpochPlan],
+    ):
+        self.spec, self.tokenizer, self.cursors, self.offset, self.plans = spec, tokenizer, cursors, offset, plans
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         w = ((info.id if info is not None else 0) + self.offset) % self.spec.workers
-        return iter_worker_batches(self.spec, self.tokenizer, w, self.cursors[w])
+        return iter_worker_batches(self.spec, self.tokenizer, w, self.cursors[w], self.plans)
 
 
 # ---------------------------------------------------------------------------------------- loader
@@ -297,6 +334,7 @@ class PretrainLoader:
         self.samples_per_epoch = spec.num_samples
         self._consumed = 0
         self._cursors = [{"epoch": epoch_offset, "batch": 0, "pos": 0} for _ in range(spec.workers)]
+        self._plans: dict[int, EpochPlan] = {}  # epochs a geometry change re-split (docs/checkpoints.md)
 
     @property
     def epoch(self) -> int:
@@ -306,7 +344,7 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         offset = self._consumed % spec.workers
-        dataset = _BatchStream(spec, self.tokenizer, [dict(c) for c in self._cursors], offset)
+        dataset = _BatchStream(spec, self.tokenizer, [dict(c) for c in self._cursors], offset, dict(self._plans))
         if self.num_workers == 0:
             stream: Any = iter(dataset)
         else:
@@ -320,6 +358,7 @@ class PretrainLoader:
                     prefetch_factor=self.prefetch_factor,
                     persistent_workers=False,
                     generator=torch.Generator().manual_seed(self.spec.seed),
+                    worker_init_fn=_ignore_sigterm,
                 )
             )
         for batch in stream:
@@ -327,7 +366,7 @@ class PretrainLoader:
             expected = self._consumed % spec.workers
             if cur["worker"] != expected:
                 raise RuntimeError(f"data loader order broke: batch from worker {cur['worker']}, expected {expected}")
-            done = cur["batch"] + 1 == spec.worker_batches
+            done = cur["batch"] + 1 == spec.batches_for(spec.plan(cur["epoch"], self._plans))
             self._cursors[expected] = (
                 {"epoch": cur["epoch"] + 1, "batch": 0, "pos": 0}
                 if done
@@ -338,13 +377,10 @@ class PretrainLoader:
 
     # ------------------------------------------------------------------------------ resume
 
-    def _geometry(self) -> dict[str, Any]:
+    def _layout(self) -> dict[str, Any]:
+        """What a resume must keep: the epoch's sample order and its shuffle blocks depend on it."""
         s = self.spec
         return {
-            "rank": s.rank,
-            "world_size": s.world_size,
-            "workers": s.workers,
-            "batch_size": s.batch_size,
             "num_samples": s.num_samples,
             "num_shards": len(s.urls),
             "seed": s.seed,
@@ -352,25 +388,76 @@ class PretrainLoader:
             "shuffle_buffer": s.shuffle_buffer if s.shuffle else 0,
         }
 
+    def _geometry(self) -> dict[str, Any]:
+        """What a resume may change: the epoch's remainder is then re-split (`resume`)."""
+        s = self.spec
+        return {"world_size": s.world_size, "workers": s.workers, "batch_size": s.batch_size}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor of this rank (take it after the batch you consumed last)."""
+        low = min(c["epoch"] for c in self._cursors)
         return {
             "version": STATE_VERSION,
+            "rank": self.spec.rank,
+            **self._layout(),
             **self._geometry(),
             "batches_consumed": self._consumed,
             "epoch": self.epoch,
             "workers_state": [dict(c) for c in self._cursors],
+            "plans": {str(e): p.to_json() for e, p in sorted(self._plans.items()) if e >= low},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
-        mine = self._geometry()
-        diff = [f"{k} {state.get(k)!r} → {v!r}" for k, v in mine.items() if state.get(k) != v]
-        if diff:
-            raise DataError("cannot resume the data stream exactly, its layout changed: " + ", ".join(diff))
+    def resume(self, states: list[dict[str, Any]]) -> bool:
+        """Continue from every old rank's `state_dict()` (rank order). Same geometry: this rank's cursor.
+        Otherwise the interrupted epoch's unconsumed positions are re-split over this geometry, and later
+        epochs use it. Returns True when it re-split."""
+        for state in states:
+            if state.get("version") not in _READABLE_VERSIONS:
+                raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
+            diff = [f"{k} {state.get(k)!r} → {v!r}" for k, v in self._layout().items() if state.get(k) != v]
+            if diff:
+                raise DataError("cannot resume the data stream exactly, its sample order changed: " + ", ".join(diff))
+        old = {k: states[0][k] for k in self._geometry()}
+        if old == self._geometry() and len(states) == self.spec.world_size:
+            self._load(states[self.spec.rank])
+            return False
+        self._resplit(states, old)
+        return True
+
+    def _load(self, state: dict[str, Any]) -> None:
         self._consumed = int(state["batches_consumed"])
         self._cursors = [{k: int(c[k]) for k in ("epoch", "batch", "pos")} for c in state["workers_state"]]
+        self._plans = {int(e): EpochPlan.from_json(p) for e, p in state.get("plans", {}).items()}
+
+    def _resplit(self, states: list[dict[str, Any]], old: dict[str, Any]) -> None:
+        if len(states) != old["world_size"]:
+            raise DataError(f"{len(states)} rank cursors for a checkpoint of {old['world_size']} ranks")
+        cursors = [c for state in states for c in state["workers_state"]]  # global worker order
+        plans = {int(e): EpochPlan.from_json(p) for e, p in states[0].get("plans", {}).items()}
+        epoch = min(c["epoch"] for c in cursors)
+        parts = old["world_size"] * old["workers"]
+        n = self.spec.num_samples
+        plan = plans.get(epoch) or fresh_plan(n, parts)
+        consumed = []
+        for g, c in enumerate(cursors):
+            if c["epoch"] == epoch:
+                consumed.append(int(c["pos"]))
+            elif (c["epoch"], c["batch"], c["pos"]) == (epoch + 1, 0, 0):  # done with the epoch (round robin)
+                lo, hi = split_range(plan.length, parts, g)
+                consumed.append(hi - lo)
+            else:
+                raise DataError(
+                    f"inconsistent data cursors in the checkpoint: worker {g} at {c}, others at epoch {epoch}"
+                )
+        left = remainder(plan, parts, consumed)
+        if left.length == 0:  # the epoch was complete: the next one starts whole in the new geometry
+            epoch, self._plans = epoch + 1, {}
+        elif epoch not in plans and left.length == n:  # nothing of it consumed: it starts whole too
+            self._plans = {}
+        else:
+            self._plans = {epoch: left}
+        self._consumed = 0
+        self._cursors = [{"epoch": epoch, "batch": 0, "pos": 0} for _ in range(self.spec.workers)]
 
 
 def resolve_split(cfg: Any, split: str) -> list[str]:

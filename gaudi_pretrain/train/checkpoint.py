@@ -44,8 +44,16 @@ from gaudi_pretrain.train.checkpoint_dirs import (
 from gaudi_pretrain.train.faults import maybe_crash
 from gaudi_pretrain.train.nonfinite import NonfiniteCounter, all_ranks, read_counts
 from gaudi_pretrain.train.state import RunContext
+from gaudi_pretrain.train.universal import TAG as UNIVERSAL_TAG
+from gaudi_pretrain.train.universal import (
+    convert_to_universal,
+    is_complete_universal,
+    universal_dir,
+    wait_for_universal,
+)
 from gaudi_pretrain.utils import atomic_write_text, unwrapped_name, unwrapped_state
 
+UNIVERSAL_WAIT_S = 4 * 3600.0  # ranks wait this long for rank 0's conversion (the large model: minutes)
 WEIGHTS_KIND = {"bf16": "fp32 optimizer master weights", "fp32": "fp32 weights"}
 # Classes DeepSpeed pickles into its own checkpoint files besides tensors and plain containers (ZeRO
 # optimizer states: loss scaler, stage enum, fragment addresses). Allowed by name for weights_only loads;
@@ -292,7 +300,7 @@ def _flat_fp32_masters(optimizer: Any) -> dict[int, torch.Tensor]:
 
 
 def optimizer_layout(cfg: RunConfig) -> dict[str, Any]:
-    """The settings that shape DeepSpeed's saved optimizer state: a resume must keep them."""
+    """The settings that shape DeepSpeed's saved optimizer state (a resume converts or refuses a change)."""
     return {"zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision}
 
 
@@ -353,27 +361,90 @@ def best_score(evaluation: dict[str, Any]) -> float:
     return float(evaluation["itm_acc"]) + float(evaluation["mlm_acc"])
 
 
+_START_OVER = "export the weights (gaudi-pretrain export-hf) and start a new run from them with model.from_pretrained"
+
+
 def _check_resumable(path: Path, client: ClientState, ctx: RunContext) -> None:
+    """What a resume may not change (one line each); world size, loader workers, micro batch and ZeRO stage
+    may change (docs/checkpoints.md, "Elastic resume")."""
     if client.config_fingerprint != ctx.cfg.fingerprint():
-        raise CheckpointError(f"{path} was written for a different model/data layout (config fingerprint differs)")
-    if client.world_size != ctx.dist.world_size:
         raise CheckpointError(
-            f"{path} was written by {client.world_size} ranks, this run has {ctx.dist.world_size}: "
-            "the per-rank data cursors cannot be re-split exactly"
+            f"{path} was written for a different model or data.max_text_len (config fingerprint differs): "
+            "start a new run from its export with model.from_pretrained"
         )
-    for key, now in optimizer_layout(ctx.cfg).items():
-        saved = client.extra.get(key, now)  # absent in checkpoints written before this was recorded
-        if saved != now:
-            raise CheckpointError(
-                f"{path} was saved with train.{key}={saved}, this run has {now}: DeepSpeed cannot convert its "
-                f"optimizer state; resume with train.{key}={saved}, or export the weights (gaudi-pretrain "
-                "export-hf) and start a new run from them with model.from_pretrained"
-            )
+    saved = client.extra.get("precision", ctx.cfg.train.precision)  # absent in checkpoints older than the record
+    if saved != ctx.cfg.train.precision:
+        raise CheckpointError(
+            f"{path} was saved with train.precision={saved}, this run has {ctx.cfg.train.precision}: resume with "
+            f"train.precision={saved}, or {_START_OVER}"
+        )
+    layout = _engine_layout(client, ctx)
+    if layout.changed and 0 in (layout.old_stage, layout.new_stage) and layout.old_stage != layout.new_stage:
+        raise CheckpointError(
+            f"{path} was saved with train.zero_stage={layout.old_stage}, this run has {layout.new_stage}: DeepSpeed "
+            f"converts optimizer state between ZeRO stages 1-3 only; resume with train.zero_stage={layout.old_stage}, "
+            f"or {_START_OVER}"
+        )
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    old_world: int
+    new_world: int
+    old_stage: int
+    new_stage: int
+
+    @property
+    def changed(self) -> bool:
+        return (self.old_world, self.old_stage) != (self.new_world, self.new_stage)
+
+    @property
+    def needs_universal(self) -> bool:
+        """ZeRO ≥ 1 partitions the optimizer state by data-parallel rank: another world size or stage needs
+        DeepSpeed's universal checkpoint. ZeRO-0 state is whole in every rank's load."""
+        return self.changed and self.old_stage > 0
+
+
+def _engine_layout(client: ClientState, ctx: RunContext) -> EngineLayout:
+    old_stage = int(client.extra.get("zero_stage", ctx.cfg.train.zero_stage))
+    return EngineLayout(client.world_size, ctx.dist.world_size, old_stage, ctx.cfg.train.zero_stage)
+
+
+def universal_for(ctx: RunContext, path: Path, step: int) -> tuple[str, str]:
+    """(load_dir, tag) of the universal checkpoint of `path`: rank 0 converts it unless a complete one
+    from this very save exists; the other ranks wait for it."""
+    if is_complete_universal(path):
+        return str(universal_dir(path)), UNIVERSAL_TAG
+    if ctx.dist.rank == 0:
+        print(f"converting {path} to a DeepSpeed universal checkpoint in {universal_dir(path)}", flush=True)
+        out = convert_to_universal(path, step)
+    else:
+        out = wait_for_universal(path, timeout_s=UNIVERSAL_WAIT_S)
+    return str(out), UNIVERSAL_TAG
+
+
+def _load_engine(ctx: RunContext, path: Path, layout: EngineLayout, step: int) -> None:
+    if layout.needs_universal:
+        load_dir, tag = universal_for(ctx, path, step)
+        # what `"checkpoint": {"load_universal": true}` sets; engine.load_checkpoint then loads the per-parameter
+        # fp32 / moment files and, below ZeRO-3, copies the masters into the bf16 weights (`update_lp_params`)
+        ctx.engine._config.load_universal_checkpoint = True
+        try:
+            with weights_only_torch_load():
+                load_path, _ = ctx.engine.load_checkpoint(load_dir, tag=tag)
+        finally:
+            ctx.engine._config.load_universal_checkpoint = False
+    else:
+        with weights_only_torch_load():
+            load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}")
 
 
 def restore_checkpoint(ctx: RunContext) -> None:
     """Resume from `checkpoint.resume`: verify the directory, load it without unpickling anything but
-    tensors, and check that the weights are the saved ones."""
+    tensors, check that the weights are the saved ones, and continue the data stream (re-split over this
+    run's ranks and workers when they changed)."""
     spec = ctx.cfg.checkpoint.resume
     path = resolve_checkpoint(spec, ctx.run_dir) if spec else None
     if path is None:
@@ -381,28 +452,42 @@ def restore_checkpoint(ctx: RunContext) -> None:
     client = read_client_state(path)
     _check_resumable(path, client, ctx)
     verify_files(path, client)
-    with weights_only_torch_load():
-        load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
-    rank_state = read_rank_state(path, ctx.dist.rank)
+    layout = _engine_layout(client, ctx)
+    rank = ctx.dist.rank
+    old_states = [read_rank_state(path, r) for r in range(client.world_size)]
+    _load_engine(ctx, path, layout, client.step)
+    same_ranks = layout.old_world == layout.new_world
+    own = old_states[rank] if same_ranks else old_states[0]  # replicas in lockstep: rank 0's digest is everyone's
     weights = unwrapped_weights(ctx.engine, ctx.cfg.train.zero_stage)  # a collective under ZeRO-3
-    match = torch.tensor(weights_match(weights, rank_state), device=ctx.backend.device)
+    match = torch.tensor(weights_match(weights, own), device=ctx.backend.device)
     if not bool(all_ranks(match)):
         raise CheckpointError(f"weights loaded from {path} differ from the ones saved there (sha256 mismatch)")
-    ctx.loader.load_state_dict(rank_state["data"])
-    rng_warning = set_rng_state(rank_state["rng"], ctx.backend)
-    skipped = rank_state.get("counters", {}).get("skipped_samples", client.extra.get("skipped_samples", 0))
+    resplit = ctx.loader.resume([state["data"] for state in old_states])
     s = ctx.state
     s.step, s.samples_seen, s.resumed_from = client.step, client.samples_seen, str(path)
-    s.skipped_samples = s.skipped_logged = skipped
+    if same_ranks:
+        rng_warning = set_rng_state(own["rng"], ctx.backend)
+        s.skipped_samples = own.get("counters", {}).get("skipped_samples", client.extra.get("skipped_samples", 0))
+    else:  # no old rank's generators belong to a new rank: seeded from (seed, step, rank) instead
+        ctx.backend.set_seed(ctx.cfg.train.seed + 1_000_003 * client.step + rank)
+        rng_warning = None
+        s.skipped_samples = 0  # per-rank counts do not map; the global count below carries on
+    s.skipped_logged = s.skipped_samples
     s.skipped_global = client.extra.get("skipped_samples_global", 0)
     s.nonfinite_steps = client.extra.get("nonfinite_steps", 0)
     ctx.nonfinite = NonfiniteCounter(ctx.backend.device, total=s.nonfinite_steps)
     _restore_best(ctx, path.parent)
-    sample_log.truncate(ctx.run_dir, ctx.dist.rank, client.step)
-    if ctx.dist.rank == 0:
+    sample_log.truncate(ctx.run_dir, rank, client.step)
+    if rank == 0:
+        for gone in range(layout.new_world, layout.old_world):  # ranks this run no longer has
+            sample_log.truncate(ctx.run_dir, gone, client.step)
         print(f"resumed from {path} at step {client.step}", flush=True)
+        if layout.changed or resplit:
+            print(
+                f"elastic resume: {layout.old_world} -> {layout.new_world} ranks, ZeRO {layout.old_stage} -> "
+                f"{layout.new_stage}; the epoch's remaining samples re-split over this run's ranks and workers",
+                flush=True,
+            )
         if rng_warning:
             print(f"warning: {rng_warning}", flush=True)
 

@@ -20,11 +20,12 @@ from gaudi_pretrain.errors import TrainingError
 from gaudi_pretrain.paths import confined
 from gaudi_pretrain.train import sample_log
 from gaudi_pretrain.train.checkpoint import best_score, export_checkpoint, restore_checkpoint, save_checkpoint
-from gaudi_pretrain.train.checkpoint_dirs import checkpoints_dir, tag_for
+from gaudi_pretrain.train.checkpoint_dirs import checkpoints_dir, read_pointer, tag_for
 from gaudi_pretrain.train.evaluate import eval_loaders, evaluate
 from gaudi_pretrain.train.faults import apply_numeric_faults, maybe_crash
 from gaudi_pretrain.train.metrics import MetricsWriter, StepAccumulator, Throughput, all_reduce_sum, current_rss_bytes
 from gaudi_pretrain.train.nonfinite import all_ranks, read_counts, step_or_skip
+from gaudi_pretrain.train.preemption import Preemption
 from gaudi_pretrain.train.setup import setup
 from gaudi_pretrain.train.state import RunContext
 
@@ -193,6 +194,7 @@ def run(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
     last_train: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
     start_step = s.step
+    preemption, preempted = Preemption(), False
     ctx.engine.train()
     try:
         while s.step < cfg.train.max_steps:
@@ -210,25 +212,73 @@ def run(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
                 evaluation, improved = _evaluate_and_rank(ctx, writer)
                 last_eval = evaluation
                 timer.reset()  # the evaluation's time is not training throughput
-            if improved or s.step % cfg.checkpoint.every_steps == 0 or final:
+            saved = improved or s.step % cfg.checkpoint.every_steps == 0 or final
+            if saved:
                 save_checkpoint(ctx, best=improved, evaluation=evaluation)
                 timer.reset()
+            if (
+                not final
+                and s.step % cfg.checkpoint.preemption_check_steps == 0
+                and preemption.agreed(ctx.backend.device)
+            ):
+                path = save_checkpoint(ctx) if not saved else checkpoints_dir(ctx.run_dir) / tag_for(s.step)
+                if rank0:
+                    print(f"SIGTERM: saved {path} at step {s.step}; continue with --resume auto", flush=True)
+                preempted = True
+                break
+    except Exception as exc:
+        failure = _peer_failure(ctx, exc)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
+        preemption.close()
         if bar is not None:
             bar.close()
         writer.close()
-    summary = {"train": last_train, "eval": last_eval, "steps_run": s.step - start_step, "run_dir": str(ctx.run_dir)}
+    summary = {
+        "train": last_train,
+        "eval": last_eval,
+        "steps_run": s.step - start_step,
+        "run_dir": str(ctx.run_dir),
+        "preempted": preempted,
+    }
     if s.best_step is not None:
         summary["best"] = {
             "step": s.best_step,
             "score": s.best_score,
             "checkpoint": str(checkpoints_dir(ctx.run_dir) / tag_for(s.best_step)),
         }
-    if rank0 and cfg.checkpoint.export_hf:
+    if rank0 and cfg.checkpoint.export_hf and not preempted:
         summary["hf_dir"] = str(export_checkpoint(ctx.run_dir, confined(ctx.run_dir, "hf"), overwrite=True))
     if rank0:
         confined(ctx.run_dir, "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _peer_failure(ctx: RunContext, exc: Exception) -> TrainingError | None:
+    """A collective that failed because a peer died or stopped answering (gloo: the connection closes;
+    NCCL / HCCL: `train.collective_timeout_s` expires), as one line naming what to resume from."""
+    if ctx.dist.world_size == 1 or isinstance(exc, TrainingError):
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    markers = (
+        "DistError",
+        "DistBackendError",
+        "DistNetworkError",
+        "Connection closed",
+        "Connection reset",
+        "timed out",
+    )
+    if not any(m.lower() in text.lower() for m in markers):
+        return None
+    latest = read_pointer(checkpoints_dir(ctx.run_dir))
+    first_line = text.splitlines()[0][:200]
+    return TrainingError(
+        f"rank {ctx.dist.rank}: a collective failed at step {ctx.state.step + 1} (a peer died or timed out after "
+        f"train.collective_timeout_s={ctx.cfg.train.collective_timeout_s:g}: {first_line}); the last complete "
+        f"checkpoint is {latest or 'none'}: relaunch with --resume auto"
+    )
 
 
 def _progress_bar(ctx: RunContext) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gaudi_pretrain.backends import Backend, select_backend
-from gaudi_pretrain.config import RunConfig, check_batch_geometry, deepspeed_config, save_config
+from gaudi_pretrain.config import RunConfig, deepspeed_config, fit_batch_geometry, save_config
 from gaudi_pretrain.data.pipeline import build_loader, resolve_split
 from gaudi_pretrain.data.tokenizer import load_tokenizer
 from gaudi_pretrain.distributed import DistInfo, init_distributed
@@ -90,7 +90,15 @@ def make_context(
 def setup(cfg: RunConfig, info: DistInfo) -> RunContext:
     """Backend, data, run directory, process group, model, DeepSpeed engine."""
     backend = make_backend(cfg)
-    check_batch_geometry(cfg, info.world_size)
+    fitted = fit_batch_geometry(cfg, info.world_size)
+    if fitted is not cfg and info.rank == 0:
+        print(
+            f"train.gradient_accumulation_steps {cfg.train.gradient_accumulation_steps} -> "
+            f"{fitted.train.gradient_accumulation_steps}: keeps train.global_batch_size "
+            f"{cfg.train.global_batch_size} on {info.world_size} ranks",
+            flush=True,
+        )
+    cfg = fitted
     run_dir = Path(cfg.train.output_dir)
     check_writable(run_dir, "train.output_dir")
     if cfg.data.eval_shards:
@@ -99,7 +107,7 @@ def setup(cfg: RunConfig, info: DistInfo) -> RunContext:
     loader = build_loader(cfg, tokenizer, rank=info.rank, world_size=info.world_size, split="train")
     make_writable_dir(run_dir, "train.output_dir")
 
-    init_distributed(info, backend.dist_backend)
+    init_distributed(info, backend.dist_backend, timeout=cfg.train.collective_timeout_s)
     if info.rank == 0:
         print(f"rendezvous {info.master_addr}:{info.master_port}, {info.world_size} ranks ({info.source})", flush=True)
     backend.set_seed(cfg.train.seed)
