@@ -424,19 +424,14 @@ def universal_for(ctx: RunContext, path: Path, step: int) -> tuple[str, str]:
 
 
 def _load_engine(ctx: RunContext, path: Path, layout: EngineLayout, step: int) -> None:
-    if layout.needs_universal:
-        load_dir, tag = universal_for(ctx, path, step)
-        # what `"checkpoint": {"load_universal": true}` sets; engine.load_checkpoint then loads the per-parameter
-        # fp32 / moment files and, below ZeRO-3, copies the masters into the bf16 weights (`update_lp_params`)
-        ctx.engine._config.load_universal_checkpoint = True
-        try:
-            with weights_only_torch_load():
-                load_path, _ = ctx.engine.load_checkpoint(load_dir, tag=tag)
-        finally:
-            ctx.engine._config.load_universal_checkpoint = False
-    else:
-        with weights_only_torch_load():
-            load_path, _ = ctx.engine.load_checkpoint(str(path.parent), tag=path.name)
+    universal = layout.needs_universal
+    load_dir, tag = universal_for(ctx, path, step) if universal else (str(path.parent), path.name)
+    # what `"checkpoint": {"load_universal": true}` sets: engine.load_checkpoint then loads the per-parameter
+    # fp32 / moment files and, below ZeRO-3, copies the masters into the bf16 weights (`update_lp_params`)
+    ctx.engine._config.load_universal_checkpoint = universal
+    with weights_only_torch_load():
+        load_path, _ = ctx.engine.load_checkpoint(load_dir, tag=tag)
+    ctx.engine._config.load_universal_checkpoint = False  # later saves are ordinary checkpoints
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
 
