@@ -179,7 +179,12 @@ class TrainConfig(_Section):
         gt=0,
         description="when set, must equal micro × accumulation × world size (checked before anything is written)",
     )
-    max_steps: int = Field(100_000, gt=0, description="optimizer steps")
+    max_steps: int = Field(
+        100_000,
+        gt=0,
+        description="optimizer steps of the run's first global batch (a resume with another global batch ends "
+        "after as many samples)",
+    )
     precision: Literal["bf16", "fp32"] = Field(
         "bf16",
         description="bf16: DeepSpeed bf16 (bf16 parameters, fp32 master weights in its optimizer) + bf16 autocast",

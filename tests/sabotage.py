@@ -43,6 +43,7 @@ T_TRAIN = "tests/test_train.py"
 T_REL = "tests/test_reliability.py"
 T_DATA = "tests/test_data_pipeline.py"
 T_HPU = "tests/test_hpu_double.py"
+T_ELASTIC = "tests/test_elastic.py"
 
 SABOTAGES = [
     Sabotage(
@@ -425,6 +426,57 @@ SABOTAGES = [
         "(min(1.0, epoch / ramp) if ramp > 0 else 1.0)",
         "1.0",
         (f"{T_DATA}::test_hard_negatives_ramp_in_over_the_configured_epochs",),
+    ),
+    Sabotage(
+        "resplit_restarts_epoch",
+        "resume",
+        "a resume on another geometry starts the interrupted epoch over (the consumed samples repeat)",
+        "gaudi_pretrain/data/pipeline.py",
+        "        left = remainder(plan, parts, consumed)\n",
+        "        left = remainder(plan, parts, [0] * len(consumed))\n",
+        (
+            f"{T_DATA}::test_resplit_over_a_new_geometry_uses_every_sample_once",
+            f"{T_ELASTIC}::test_killed_run_resumes_on_another_world_size_with_every_sample_once",
+        ),
+    ),
+    Sabotage(
+        "universal_module_only",
+        "resume",
+        "the universal checkpoint loads the module weights only (DeepSpeed loads ZeRO-1/2 state regardless: ZeRO-3 shows it)",
+        "gaudi_pretrain/train/checkpoint.py",
+        "load_path, _ = ctx.engine.load_checkpoint(load_dir, tag=tag)",
+        "load_path, _ = ctx.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=not universal)",
+        (
+            f"{T_ELASTIC}::test_bf16_zero_state_loads_exactly_on_another_world_size_and_stage",
+            f"{T_ELASTIC}::test_bf16_zero1_resumes_on_one_rank_through_a_universal_checkpoint",
+        ),
+    ),
+    Sabotage(
+        "universal_flag_unset",
+        "resume",
+        "the universal directory is loaded as an ordinary checkpoint (DeepSpeed's load_universal left off)",
+        "gaudi_pretrain/train/checkpoint.py",
+        "    ctx.engine._config.load_universal_checkpoint = universal\n",
+        "    ctx.engine._config.load_universal_checkpoint = False\n",
+        (f"{T_ELASTIC}::test_bf16_zero_state_loads_exactly_on_another_world_size_and_stage",),
+    ),
+    Sabotage(
+        "global_batch_by_steps",
+        "resume",
+        "a resume with another global batch continues the lr schedule and max_steps by steps, not samples",
+        "gaudi_pretrain/train/checkpoint.py",
+        "    set_units_per_step(ctx.engine.lr_scheduler, ctx.global_batch / ctx.state.schedule_batch)\n",
+        "    ctx.state.schedule_batch = ctx.global_batch\n",
+        (f"{T_ELASTIC}::test_killed_run_resumes_on_another_world_size_with_every_sample_once",),
+    ),
+    Sabotage(
+        "sigterm_ignored",
+        "launch",
+        "SIGTERM is recorded but never acted on (the job runs on until it is killed)",
+        "gaudi_pretrain/train/preemption.py",
+        "        self.requested = True\n",
+        "        pass\n",
+        (f"{T_ELASTIC}::test_sigterm_to_every_rank_saves_within_the_bound_and_exits_0",),
     ),
 ]
 

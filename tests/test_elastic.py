@@ -3,6 +3,7 @@ workers and ZeRO stages, with every sample of the interrupted epoch used exactly
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -12,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, cli_env, read_jsonl, run_cli, tiny_overrides, torchrun
+from safetensors.torch import load_file
 
 SHARD = "00003.tar"  # 180 samples: 15 steps of 12 per epoch
 SAMPLES = 180
@@ -100,20 +103,36 @@ def killed_fp32(demo_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "world, overrides",
-    [(3, {"train.micro_batch_size": 2, "data.num_workers": 2})],
-    ids=["2to3_workers2"],
+    [(3, {"train.micro_batch_size": 2, "data.num_workers": 2}), (1, {"train.global_batch_size": 6})],
+    ids=["2to3_workers2", "2to1_global_batch6"],
 )
 def test_killed_run_resumes_on_another_world_size_with_every_sample_once(
     demo_shards, killed_fp32, tmp_path, world, overrides
 ):
+    """The global batch 12 may change too (given on the resume command line): train.max_steps and the lr
+    schedule then continue by samples seen, counted in steps of 12."""
     run_dir = tmp_path / "run"
     shutil.copytree(killed_fp32, run_dir)
+    straight = _records(run_dir)
     result = _train(demo_shards, run_dir, "--resume", "auto", launcher=_launcher(world), **{**COMMON, **overrides})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"elastic resume: 2 -> {world} ranks" in result.stdout, result.stdout[-2000:]
     assert_epochs_exact(run_dir, old_world=2, new_world=world)
-    losses = _losses(run_dir)
-    assert sorted(losses) == list(range(1, COMMON["train.max_steps"] + 1))
+    batch, old_batch = overrides.get("train.global_batch_size", 12), 12
+    total = COMMON["train.max_steps"] * old_batch  # samples
+    end = RESUME_STEP + (total - RESUME_STEP * old_batch) // batch
+    records = _records(run_dir)
+    assert sorted(records) == list(range(1, end + 1))
+    assert records[end]["samples_seen"] == total
+    if batch != old_batch:
+        assert f"global batch {old_batch} -> {batch}" in result.stdout, result.stdout[-2000:]
+        # tiny.yaml: warm-up to the full lr over int(0.1 x 34) = 3 steps (the straight run's step 3), then
+        # linear decay to 0 at 34 steps of 12 samples: each resumed step of 6 advances it by half a step
+        peak, warmup = straight[RESUME_STEP]["lr"], 3
+        for step in range(RESUME_STEP + 1, end + 1):
+            units = RESUME_STEP + (step - RESUME_STEP) * batch / old_batch
+            expected = peak * (1 - (units - warmup) / (COMMON["train.max_steps"] - warmup))
+            assert records[step]["lr"] == pytest.approx(expected, rel=1e-5, abs=1e-9), (step, records[step])
 
 
 def _args(shards, run_dir, *extra, **overrides) -> list[str]:
@@ -172,28 +191,146 @@ def test_sigterm_to_every_rank_saves_within_the_bound_and_exits_0(demo_shards, t
     assert _resume_step(result.stdout) == int(saved)
 
 
-BF16 = {**COMMON, "train.precision": "bf16", "train.zero_stage": 1, "train.max_steps": 8, "checkpoint.every_steps": 4}
+BF16 = {**COMMON, "train.precision": "bf16", "train.max_steps": 8, "checkpoint.every_steps": 4}
+SOURCE_STEP = 4
 
 
-def test_bf16_zero1_resumes_on_one_rank_through_a_universal_checkpoint(demo_shards, tmp_path):
-    """bf16 ZeRO-1, 2 ranks killed after step 8 before its save (`latest` = step 4; steps 1-7 logged are
-    the uninterrupted run's). Resumed on 1 rank: a kill between DeepSpeed's conversion and the publishing
-    rename leaves a partial directory that is never used; the next resume converts again, loads the
-    universal checkpoint (weights digest checked), and each resumed loss is closer to the uninterrupted
-    run's than to the step-1 loss (no reset, DeepSpeed 5405 / LlamaFactory 8295)."""
-    run_dir = tmp_path / "run"
-    env = {**cli_env(), "GAUDI_PRETRAIN_CRASH": "after_step:8"}
-    assert _train(demo_shards, run_dir, env=env, launcher=torchrun(2), **BF16).returncode != 0
-    straight = _losses(run_dir)
+@pytest.fixture(scope="module")
+def bf16_killed(demo_shards, tmp_path_factory):
+    """bf16 runs on 2 ranks at a ZeRO stage, killed after step 8 before its save (`latest` = step 4; the
+    losses and lrs logged for steps 1-7 are the uninterrupted run's). One per stage, built when first used;
+    tests copy the run directory."""
+    runs: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"bf16_zero{stage}") / "run"
+            env = {**cli_env(), "GAUDI_PRETRAIN_CRASH": "after_step:8"}
+            result = _train(demo_shards, run_dir, env=env, launcher=torchrun(2), **BF16, **{"train.zero_stage": stage})
+            assert result.returncode != 0, "the crash point did not fire"
+            assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag(SOURCE_STEP)
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return get
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def assert_continues(run_dir: Path, straight: dict[int, dict]) -> None:
+    """Steps 5-8 ran after the resume: the lr continues the schedule exactly, and each of the first 3
+    losses is closer to the uninterrupted run's at that step than to the step-1 loss (no reset: DeepSpeed
+    5405, LlamaFactory 8295)."""
+    resumed = _records(run_dir)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in (5, 6, 7):
+        assert resumed[step]["lr"] == straight[step]["lr"], (step, resumed[step], straight[step])
+        loss, ref, first = resumed[step]["loss"], straight[step]["loss"], straight[1]["loss"]
+        assert abs(loss - ref) < abs(loss - first), (step, loss, ref, first)
+
+
+def universal_state(folder: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """(parameter, fp32 | exp_avg | exp_avg_sq | step) → tensor, from a DeepSpeed universal checkpoint."""
+    state = {}
+    for param in (p for p in (folder / "zero").iterdir() if p.is_dir()):
+        for key in ("fp32", "exp_avg", "exp_avg_sq", "step"):
+            if key == "step" and not (param / "step.pt").is_file():
+                continue  # ZeRO-3 conversions keep the step in the common optimizer_state.pt only
+            value = torch.load(param / f"{key}.pt", weights_only=True)
+            state[param.name, key] = torch.as_tensor(value["param"] if isinstance(value, dict) else value).detach()
+    return state
+
+
+def probe_launcher(world: int, probe: Path) -> list[str]:
+    """Like `python -m gaudi_pretrain` (torchrun for world > 1), through tests/elastic_probe.py: right after
+    the restore, before the first resumed step, every rank saves the loaded engine to `probe`/probe."""
+    script = [str(REPO / "tests" / "elastic_probe.py"), str(probe)]
+    if world == 1:
+        return [sys.executable, *script]
+    return [*torchrun(world)[:-2], *script]
+
+
+def assert_state_loaded_exactly(ckpt: Path, probe: Path, tmp_path: Path) -> None:
+    """The fp32 masters, both Adam moments and the step count of every parameter, gathered by DeepSpeed's
+    converter from the source checkpoint (its partitions at the old world size and stage) and from the
+    probe (the resumed engine's, at the new ones), agree to 1e-7; the source's masters also equal the
+    checkpoint's model.safetensors (our own gathering)."""
+    converted = run_cli(["checkpoint", "universal", str(ckpt)])
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    source = universal_state(Path(json.loads(converted.stdout.splitlines()[-1])["universal"]) / "universal")
+    out = tmp_path / "probe_universal" / "universal"
+    args = ["--input_folder", str(probe / "probe"), "--output_folder", str(out), "--inject_missing_state"]
+    args += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", *args],
+        capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = universal_state(out)
+    assert sorted(loaded) == sorted(source)
+    worst = max((float((loaded[k].double() - source[k].double()).abs().max()), k) for k in source)
+    assert worst[0] <= 1e-7, worst
+    params = {name for name, _ in source}
+    moving = [name for name in params if source[name, "exp_avg_sq"].abs().max() > 0]
+    assert len(moving) > 0.9 * len(params), "the checkpoint's second moments are (mostly) zero: nothing tested"
+    masters = load_file(str(ckpt / "model.safetensors"))
+    assert params == set(masters)
+    for name, tensor in masters.items():
+        # ZeRO-3 conversions keep each parameter flat
+        assert torch.allclose(source[name, "fp32"].flatten(), tensor.flatten(), rtol=0, atol=1e-7), name
+
+
+@pytest.mark.parametrize(
+    "stage, new_stage, new_world",
+    [(2, 2, 1), (2, 1, 1), (1, 2, 1), (3, 3, 3)],
+    ids=["zero2_2to1", "zero2to1_2to1", "zero1to2_2to1", "zero3_2to3"],
+)
+def test_bf16_zero_state_loads_exactly_on_another_world_size_and_stage(
+    demo_shards, bf16_killed, tmp_path, stage, new_stage, new_world
+):
+    run_dir, probe = tmp_path / "run", tmp_path / "probe"
+    shutil.copytree(bf16_killed(stage), run_dir)
+    straight = _records(run_dir)
+    over = {**BF16, "train.zero_stage": new_stage, "train.micro_batch_size": 12 // (new_world * 2)}
+    result = _train(demo_shards, run_dir, "--resume", "auto", launcher=probe_launcher(new_world, probe), **over)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"elastic resume: 2 -> {new_world} ranks, ZeRO {stage} -> {new_stage}" in result.stdout
     ckpts = run_dir / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000004"
-    crash = {**cli_env(), "GAUDI_PRETRAIN_CRASH": "universal_convert:4"}
-    assert _train(demo_shards, run_dir, "--resume", "auto", env=crash, **BF16).returncode != 0
-    assert list(ckpts.glob(".step_00000004.universal.partial-*")) and not (ckpts / "step_00000004.universal").exists()
-    result = _train(demo_shards, run_dir, "--resume", "auto", **BF16)
+    assert not list(ckpts.glob("*.universal*")), "the step-8 save prunes the universal copy of step 4"
+    assert_continues(run_dir, straight)
+    assert_state_loaded_exactly(ckpts / tag(SOURCE_STEP), probe, tmp_path)
+
+
+def test_bf16_zero1_resumes_on_one_rank_through_a_universal_checkpoint(demo_shards, bf16_killed, tmp_path):
+    """bf16 ZeRO-1 from 2 ranks to 1: a kill between DeepSpeed's conversion and the publishing rename
+    leaves a partial directory that is never used; the next resume converts again, loads the universal
+    checkpoint (weights digest checked) and continues (no reset); the state it loaded is the checkpoint's."""
+    run_dir, probe = tmp_path / "run", tmp_path / "probe"
+    shutil.copytree(bf16_killed(1), run_dir)
+    straight = _records(run_dir)
+    ckpts = run_dir / "checkpoints"
+    over = {**BF16, "train.zero_stage": 1}
+    crash = {**cli_env(), "GAUDI_PRETRAIN_CRASH": f"universal_convert:{SOURCE_STEP}"}
+    assert _train(demo_shards, run_dir, "--resume", "auto", env=crash, **over).returncode != 0
+    assert list(ckpts.glob(f".{tag(SOURCE_STEP)}.universal.partial-*"))
+    assert not (ckpts / f"{tag(SOURCE_STEP)}.universal").exists()
+    result = _train(demo_shards, run_dir, "--resume", "auto", launcher=probe_launcher(1, probe), **over)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "elastic resume: 2 -> 1 ranks, ZeRO 1 -> 1" in result.stdout and "converting" in result.stdout
-    assert not list(ckpts.glob(".*partial*"))
-    losses = _losses(run_dir)
-    for step in (5, 6, 7):
-        assert abs(losses[step] - straight[step]) < abs(losses[step] - straight[1]), (step, losses, straight)
+    assert not list(ckpts.glob("*universal*")) and not list(ckpts.glob(".*partial*"))
+    assert_continues(run_dir, straight)
+    assert_state_loaded_exactly(ckpts / tag(SOURCE_STEP), probe, tmp_path)
+
+
+def test_checkpoint_universal_refuses_a_zero0_checkpoint_in_one_line(killed_fp32):
+    result = run_cli(["checkpoint", "universal", str(killed_fp32)])
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "saved with ZeRO 0" in line and tag(RESUME_STEP) in line, line
+    assert not list((killed_fp32 / "checkpoints").glob("*universal*"))

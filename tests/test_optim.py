@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from gaudi_pretrain.config import OptimConfig
-from gaudi_pretrain.train.optim import DeviceSchedule, GuardedAdamW, lr_lambda, make_scheduler, param_groups
+from gaudi_pretrain.train.optim import (
+    DeviceSchedule,
+    GuardedAdamW,
+    lr_lambda,
+    make_scheduler,
+    param_groups,
+    set_units_per_step,
+)
 
 
 class Block(nn.Module):
@@ -230,3 +237,40 @@ def test_device_schedule_does_not_advance_on_a_cancelled_step_and_resumes():
     again.load_state_dict(sched.state_dict())
     assert sched.state_dict() == {"applied_steps": 4}
     assert float(again.optimizer.param_groups[0]["lr"]) == pytest.approx(1e-3 * f(4))
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "guarded"])
+def test_schedule_continues_by_samples_after_a_global_batch_change(optimizer):
+    """A resume with half the global batch: each step advances the schedule by half a step, and the
+    state saved after that (what the next checkpoint holds) continues where it stopped."""
+    cfg = OptimConfig(lr=1e-3, warmup_ratio=0.2)
+    make = torch.optim.AdamW if optimizer == "torch" else GuardedAdamW
+
+    def fresh():
+        opt = make(_params(1), lr=cfg.lr)
+        return opt, make_scheduler(opt, cfg, max_steps=10)
+
+    def lr(opt) -> float:
+        return float(opt.param_groups[0]["lr"])
+
+    f = lr_lambda(cfg, 10)
+    opt, sched = fresh()
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    opt, resumed = fresh()
+    resumed.load_state_dict(sched.state_dict())
+    set_units_per_step(resumed, 0.5)
+    assert lr(opt) == pytest.approx(1e-3 * f(4))
+    seen = []
+    for _ in range(3):
+        opt.step()
+        resumed.step()
+        seen.append(lr(opt))
+    assert seen == pytest.approx([1e-3 * f(u) for u in (4.5, 5.0, 5.5)])
+    opt, again = fresh()  # the next resume, same half batch
+    again.load_state_dict(resumed.state_dict())
+    set_units_per_step(again, 0.5)
+    opt.step()
+    again.step()
+    assert lr(opt) == pytest.approx(1e-3 * f(6.0))

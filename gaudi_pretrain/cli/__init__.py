@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "gaudi_pretrain.cli.plot",
     "gaudi_pretrain.cli.shards",
     "gaudi_pretrain.cli.export",
+    "gaudi_pretrain.cli.checkpoint",
 ]
 
 

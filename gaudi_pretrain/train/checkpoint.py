@@ -43,6 +43,7 @@ from gaudi_pretrain.train.checkpoint_dirs import (
 )
 from gaudi_pretrain.train.faults import maybe_crash
 from gaudi_pretrain.train.nonfinite import NonfiniteCounter, all_ranks, read_counts
+from gaudi_pretrain.train.optim import set_units_per_step
 from gaudi_pretrain.train.state import RunContext
 from gaudi_pretrain.train.universal import TAG as UNIVERSAL_TAG
 from gaudi_pretrain.train.universal import (
@@ -341,6 +342,8 @@ def save_checkpoint(ctx: RunContext, best: bool = False, evaluation: dict[str, A
                 "nonfinite_steps": s.nonfinite_steps,
                 "skipped_samples_global": s.skipped_global,
                 "weights": WEIGHTS_KIND[cfg.train.precision],
+                "global_batch": ctx.global_batch,
+                "schedule_batch": s.schedule_batch,
                 **({"eval": _ranking(evaluation)} if evaluation else {}),
                 **optimizer_layout(cfg),
             },
@@ -379,7 +382,7 @@ def _check_resumable(path: Path, client: ClientState, ctx: RunContext) -> None:
             f"train.precision={saved}, or {_START_OVER}"
         )
     layout = _engine_layout(client, ctx)
-    if layout.changed and 0 in (layout.old_stage, layout.new_stage) and layout.old_stage != layout.new_stage:
+    if 0 in (layout.old_stage, layout.new_stage) and layout.old_stage != layout.new_stage:
         raise CheckpointError(
             f"{path} was saved with train.zero_stage={layout.old_stage}, this run has {layout.new_stage}: DeepSpeed "
             f"converts optimizer state between ZeRO stages 1-3 only; resume with train.zero_stage={layout.old_stage}, "
@@ -460,6 +463,7 @@ def restore_checkpoint(ctx: RunContext) -> None:
     resplit = ctx.loader.resume([state["data"] for state in old_states])
     s = ctx.state
     s.step, s.samples_seen, s.resumed_from = client.step, client.samples_seen, str(path)
+    old_batch = _continue_schedule(ctx, client)
     if same_ranks:
         rng_warning = set_rng_state(own["rng"], ctx.backend)
         s.skipped_samples = own.get("counters", {}).get("skipped_samples", client.extra.get("skipped_samples", 0))
@@ -483,8 +487,24 @@ def restore_checkpoint(ctx: RunContext) -> None:
                 f"{layout.new_stage}; the epoch's remaining samples re-split over this run's ranks and workers",
                 flush=True,
             )
+        if old_batch != ctx.global_batch:
+            print(
+                f"global batch {old_batch} -> {ctx.global_batch}: train.max_steps and the lr schedule count steps "
+                f"of {s.schedule_batch} samples and continue by samples seen ({s.samples_seen} of "
+                f"{ctx.cfg.train.max_steps * s.schedule_batch}: {ctx.end_step() - s.step} more steps)",
+                flush=True,
+            )
         if rng_warning:
             print(f"warning: {rng_warning}", flush=True)
+
+
+def _continue_schedule(ctx: RunContext, client: ClientState) -> int:
+    """Adopt the checkpoint's schedule batch (older checkpoints: this run's) and step the loaded lr schedule
+    by this run's share of it; returns the global batch the checkpoint was saved with."""
+    saved = int(client.extra.get("global_batch", ctx.global_batch))
+    ctx.state.schedule_batch = int(client.extra.get("schedule_batch", saved))
+    set_units_per_step(ctx.engine.lr_scheduler, ctx.global_batch / ctx.state.schedule_batch)
+    return saved
 
 
 def _restore_best(ctx: RunContext, root: Path) -> None:

@@ -17,6 +17,7 @@ from gaudi_pretrain.utils import atomic_write_text
 LATEST = "latest"
 BEST = "best"  # the checkpoint with the best held-out ITM + MLM accuracy (the recipe's metric)
 CLIENT_STATE = "client_state.json"  # written last by a save: a directory without it is incomplete
+UNIVERSAL_SUFFIX = ".universal"  # `step_N.universal/`: DeepSpeed's re-cut copy of step_N (train/universal.py)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -97,7 +98,9 @@ def publish(ckpt_root: Path, tag: str, keep_last: int, best: bool = False) -> No
         atomic_write_text(ckpt_root / BEST, tag + "\n")
     best_path = ckpt_root / BEST
     kept = {best_path.read_text().strip()} if best_path.is_file() else set()
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name != tag)
+    steps = sorted(
+        p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name != tag and not p.name.endswith(UNIVERSAL_SUFFIX)
+    )
     complete = [p for p in steps if (p / CLIENT_STATE).is_file()]
     prunable = [p for p in complete if p.name not in kept]
     for old in prunable[: max(0, len(prunable) - (keep_last - 1))]:
@@ -106,3 +109,10 @@ def publish(ckpt_root: Path, tag: str, keep_last: int, best: bool = False) -> No
     for partial in set(steps) - set(complete):
         if partial.name < tag:
             shutil.rmtree(partial, ignore_errors=True)
+    # universal copies (finished or interrupted) of older saves: a resume converts `latest` again if needed
+    for derived in [
+        *ckpt_root.glob(f"step_*{UNIVERSAL_SUFFIX}"),
+        *ckpt_root.glob(f".step_*{UNIVERSAL_SUFFIX}.partial-*"),
+    ]:
+        if derived.name.lstrip(".").split(".")[0] < tag:
+            shutil.rmtree(derived, ignore_errors=True)

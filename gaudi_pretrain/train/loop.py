@@ -69,7 +69,7 @@ def train_step(ctx: RunContext, data_iter: Iterator[dict[str, Any]], acc: StepAc
     ctx.nonfinite.add(finite)
     ctx.state.step = step
     maybe_crash("after_step", step, ctx.dist.rank)
-    ctx.state.samples_seen += cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * ctx.dist.world_size
+    ctx.state.samples_seen += ctx.global_batch
 
 
 def _optimizer_step(ctx: RunContext, finite: torch.Tensor) -> torch.Tensor:
@@ -113,14 +113,14 @@ def _stop_nonfinite(ctx: RunContext) -> None:
 
 
 def _log(ctx: RunContext, acc: StepAccumulator, timer: Throughput, writer: MetricsWriter, bar: Any) -> dict[str, Any]:
-    s, cfg, world = ctx.state, ctx.cfg, ctx.dist.world_size
+    s, world = ctx.state, ctx.dist.world_size
     means = acc.reduce()
     read_counts(s, ctx.nonfinite)
     elapsed, wait, window_steps = timer.reset()
     wait_total, skipped = all_reduce_sum([wait, s.skipped_samples - s.skipped_logged], ctx.backend.device)
     s.skipped_logged = s.skipped_samples
     s.skipped_global += int(round(skipped))
-    samples = window_steps * cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
+    samples = window_steps * ctx.global_batch
     per_device = samples / max(elapsed, 1e-9) / world
     peak = ctx.backend.peak_flops()
     record = {
@@ -193,16 +193,16 @@ def run(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
     data_iter = iter(ctx.loader)
     last_train: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
-    start_step = s.step
+    start_step, end_step = s.step, ctx.end_step()
     preemption, preempted = Preemption(), False
     ctx.engine.train()
     try:
-        while s.step < cfg.train.max_steps:
+        while s.step < end_step:
             train_step(ctx, data_iter, acc, timer)
             timer.add_step()
             if bar is not None:
                 bar.update(1)
-            final = s.step == cfg.train.max_steps
+            final = s.step == end_step
             if s.step % cfg.logging.every_steps == 0 or final:
                 last_train = _log(ctx, acc, timer, writer, bar)
                 if s.longest_nonfinite >= cfg.train.max_consecutive_nonfinite:
@@ -212,16 +212,16 @@ def run(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
                 evaluation, improved = _evaluate_and_rank(ctx, writer)
                 last_eval = evaluation
                 timer.reset()  # the evaluation's time is not training throughput
-            saved = improved or s.step % cfg.checkpoint.every_steps == 0 or final
-            if saved:
-                save_checkpoint(ctx, best=improved, evaluation=evaluation)
+            saved = None
+            if improved or s.step % cfg.checkpoint.every_steps == 0 or final:
+                saved = save_checkpoint(ctx, best=improved, evaluation=evaluation)
                 timer.reset()
             if (
                 not final
                 and s.step % cfg.checkpoint.preemption_check_steps == 0
                 and preemption.agreed(ctx.backend.device)
             ):
-                path = save_checkpoint(ctx) if not saved else checkpoints_dir(ctx.run_dir) / tag_for(s.step)
+                path = saved or save_checkpoint(ctx)
                 if rank0:
                     print(f"SIGTERM: saved {path} at step {s.step}; continue with --resume auto", flush=True)
                 preempted = True
@@ -285,7 +285,7 @@ def _progress_bar(ctx: RunContext) -> Any:
     from tqdm import tqdm
 
     return tqdm(
-        total=ctx.cfg.train.max_steps,
+        total=ctx.end_step(),
         initial=ctx.state.step,
         desc="train",
         unit="step",

@@ -13,7 +13,9 @@ Four groups: decay, no_decay, decay_mult, no_decay_mult (empty ones are dropped)
 
 Schedule: linear warm-up from 0 over `warmup_ratio * max_steps` steps, then linear decay to
 `end_lr_ratio * lr` at `max_steps` (transformers' polynomial schedule with power 1, as the original).
-DeepSpeed steps the scheduler once per optimizer step.
+DeepSpeed steps the scheduler once per optimizer step. Both schedules count steps of the global batch the
+run started with: after a resume with another `train.global_batch_size` each optimizer step advances them
+by new / original batch (`set_units_per_step`), so the schedule continues by samples seen.
 
 A non-finite step must change nothing (weights, moments, step counts, the schedule) on every rank, and the
 loop must not read the device to decide it (a host read drains HPU lazy mode's queue every step).
@@ -91,20 +93,35 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return [group for group in groups.values() if group["params"]]
 
 
-def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
-    """step -> lr factor: 0 at step 0, 1 at the end of warm-up, `end_lr_ratio` at and after `max_steps`."""
+def schedule_factor(step: float, warmup: int, max_steps: int, end: float) -> float:
+    """lr factor at `step`: 0 at step 0, 1 at the end of warm-up, `end` at and after `max_steps`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if step >= max_steps:
+        return end
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return end + (1.0 - end) * (1.0 - progress)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[float], float]:
+    """step -> lr factor, warm-up over `warmup_ratio * max_steps`, decay to `end_lr_ratio` at `max_steps`."""
     warmup = int(cfg.warmup_ratio * max_steps)
-    end = cfg.end_lr_ratio
+    return lambda step: schedule_factor(step, warmup, max_steps, cfg.end_lr_ratio)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        if step >= max_steps:
-            return end
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return end + (1.0 - end) * (1.0 - progress)
 
-    return factor
+class ScheduleClock:
+    """LambdaLR's lambda: scheduler steps → schedule steps, `units_per_step` of them per step since
+    `base_step`. A callable object, so LambdaLR's state_dict carries its attributes."""
+
+    def __init__(self, cfg: OptimConfig, max_steps: int):
+        self.warmup, self.max_steps, self.end = int(cfg.warmup_ratio * max_steps), max_steps, cfg.end_lr_ratio
+        self.base_step, self.base_units, self.units_per_step = 0, 0.0, 1.0
+
+    def units(self, step: int) -> float:
+        return self.base_units + (step - self.base_step) * self.units_per_step
+
+    def __call__(self, step: int) -> float:
+        return schedule_factor(self.units(step), self.warmup, self.max_steps, self.end)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
@@ -112,7 +129,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps
     device for an optimizer that skips on the device, else a torch LambdaLR."""
     if getattr(optimizer, "supports_device_skip", False):
         return DeviceSchedule(optimizer, cfg, max_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleClock(cfg, max_steps))
+
+
+def set_units_per_step(scheduler: Any, units: float) -> None:
+    """From now on each optimizer step advances `scheduler` (made by `make_scheduler`) by `units` of its
+    steps: new global batch / the one `train.max_steps` counts."""
+    if isinstance(scheduler, DeviceSchedule):
+        scheduler.units_per_step = units
+        return
+    step = scheduler.last_epoch
+    for clock in scheduler.lr_lambdas:
+        clock.base_units, clock.base_step, clock.units_per_step = clock.units(step), step, units
+    lrs = [base * clock(step) for base, clock in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 class GuardedAdamW(torch.optim.Optimizer):
@@ -200,7 +232,8 @@ class DeviceSchedule:
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.warmup, self.max_steps, self.end = int(cfg.warmup_ratio * max_steps), max_steps, cfg.end_lr_ratio
         device = next(p.device for group in optimizer.param_groups for p in group["params"])
-        self.applied = torch.zeros((), dtype=torch.float32, device=device)
+        self.applied = torch.zeros((), dtype=torch.float32, device=device)  # schedule steps
+        self.units_per_step = 1.0
         self._set_lrs()
 
     def factor(self) -> torch.Tensor:
@@ -216,14 +249,16 @@ class DeviceSchedule:
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         found_inf = getattr(self.optimizer, "found_inf", None)
-        self.applied += 1.0 if found_inf is None else 1.0 - found_inf.to(self.applied.device).float()
+        ok = 1.0 if found_inf is None else 1.0 - found_inf.to(self.applied.device).float()
+        self.applied += ok * self.units_per_step
         self._set_lrs()
 
     def get_last_lr(self) -> list[torch.Tensor]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"applied_steps": int(self.applied)}
+        applied = float(self.applied)
+        return {"applied_steps": int(applied) if applied.is_integer() else applied}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.applied.fill_(float(state["applied_steps"]))

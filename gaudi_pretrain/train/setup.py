@@ -115,4 +115,6 @@ def setup(cfg: RunConfig, info: DistInfo) -> RunContext:
     engine, optimizer = build_engine(cfg, backend, info, model)
     if info.rank == 0:
         save_config(cfg, confined(run_dir, "config.yaml"))
-    return make_context(cfg, backend, info, engine, optimizer, loader, run_dir, tokenizer)
+    ctx = make_context(cfg, backend, info, engine, optimizer, loader, run_dir, tokenizer)
+    ctx.state.schedule_batch = ctx.global_batch  # a resume replaces it by the checkpoint's
+    return ctx

@@ -32,6 +32,9 @@ class TrainState:
     resumed_from: str | None = None
     best_score: float | None = None  # the best held-out ITM + MLM accuracy so far (checkpoints/best)
     best_step: int | None = None
+    # the global batch whose steps train.max_steps and the lr schedule count: the run's first (checkpoints
+    # carry it), so a resume with another global batch continues both by samples seen
+    schedule_batch: int = 0
 
 
 @dataclass
@@ -52,3 +55,14 @@ class RunContext:
     grad_check: GradientCheck | None = None  # where DeepSpeed holds the gradients (bf16 or ZeRO >= 1)
     skip_on_device: bool = False  # a non-finite step is cancelled without a host read
     state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world_size
+
+    def end_step(self) -> int:
+        """The step at which the run has drawn train.max_steps x schedule_batch samples."""
+        s = self.state
+        remaining = self.cfg.train.max_steps * (s.schedule_batch or self.global_batch) - s.samples_seen
+        return s.step + max(0, -(-remaining // self.global_batch))

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gaudi_pretrain.errors import CheckpointError
-from gaudi_pretrain.train.checkpoint_dirs import CLIENT_STATE
+from gaudi_pretrain.train.checkpoint_dirs import CLIENT_STATE, UNIVERSAL_SUFFIX
 from gaudi_pretrain.train.faults import maybe_crash
 from gaudi_pretrain.utils import atomic_write_text
 
@@ -28,7 +28,7 @@ TAG = "universal"  # the tag inside the directory: engine.load_checkpoint(<dir>,
 
 
 def universal_dir(ckpt: Path) -> Path:
-    return ckpt.parent / f"{ckpt.name}.universal"
+    return ckpt.parent / f"{ckpt.name}{UNIVERSAL_SUFFIX}"
 
 
 def _source_digest(ckpt: Path) -> str:
