@@ -461,6 +461,15 @@ SABOTAGES = [
         (f"{T_ELASTIC}::test_bf16_zero_state_loads_exactly_on_another_world_size_and_stage",),
     ),
     Sabotage(
+        "universal_files_unchecked",
+        "resume",
+        "a published universal directory is used without checking its files against the marker's list",
+        "gaudi_pretrain/train/universal.py",
+        '        and marker.get("files") == list_files(folder, but=MARKER)',
+        "        and True",
+        (f"{T_ELASTIC}::test_bf16_zero1_resumes_on_one_rank_through_a_universal_checkpoint",),
+    ),
+    Sabotage(
         "global_batch_by_steps",
         "resume",
         "a resume with another global batch continues the lr schedule and max_steps by steps, not samples",
@@ -468,6 +477,15 @@ SABOTAGES = [
         "    set_units_per_step(ctx.engine.lr_scheduler, ctx.global_batch / ctx.state.schedule_batch)\n",
         "    ctx.state.schedule_batch = ctx.global_batch\n",
         (f"{T_ELASTIC}::test_killed_run_resumes_on_another_world_size_with_every_sample_once",),
+    ),
+    Sabotage(
+        "loader_left_open_on_error",
+        "launch",
+        "the loader workers are left to interpreter exit when a rank fails (they ignore SIGTERM: the exit hangs)",
+        "gaudi_pretrain/train/loop.py",
+        "        data_iter.close()  # the loader workers exit now",
+        "        pass  # the loader workers exit now",
+        (f"{T_ELASTIC}::test_two_torchrun_agents_one_dies_and_the_other_restarts_alone_with_every_sample_once",),
     ),
     Sabotage(
         "sigterm_ignored",

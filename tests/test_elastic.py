@@ -3,10 +3,12 @@ workers and ZeRO stages, with every sample of the interrupted epoch used exactly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, read_jsonl, run_cli, tiny_overrides, torchrun
+from conftest import REPO, cli_env, free_port, read_jsonl, run_cli, tiny_overrides, torchrun
 from safetensors.torch import load_file
 
 SHARD = "00003.tar"  # 180 samples: 15 steps of 12 per epoch
@@ -191,6 +193,55 @@ def test_sigterm_to_every_rank_saves_within_the_bound_and_exits_0(demo_shards, t
     assert _resume_step(result.stdout) == int(saved)
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_two_torchrun_agents_one_dies_and_the_other_restarts_alone_with_every_sample_once(demo_shards, tmp_path):
+    """torchrun's elastic agent as the relaunch engine: two agents (c10d rendezvous on 127.0.0.1, --nnodes
+    1:2, one worker each, --max-restarts 1). Agent B and its worker are SIGKILLed mid-epoch, as a node
+    dies; A's worker fails its collective in one line, A re-rendezvouses alone and restarts it, and
+    `--resume auto` continues on 1 rank: the interrupted epoch and the next hold every key once. A hosts the
+    rendezvous store (B starts once A listens): the agent serving the store must be one that survives."""
+    import psutil
+
+    run_dir, port = tmp_path / "run", free_port()
+    agent = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1", "--max-restarts=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
+        "--rdzv-conf=last_call_timeout=10", *_args(demo_shards, run_dir, "--resume", "auto", **COMMON),
+    ]  # fmt: skip
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("a", "b")}
+    a = subprocess.Popen(agent, cwd=REPO, env=cli_env(), stdout=logs["a"], stderr=subprocess.STDOUT, text=True)
+    b = None
+    try:
+        _wait_for(lambda: _listening(port), 60, "agent A's rendezvous store")
+        b = subprocess.Popen(agent, cwd=REPO, env=cli_env(), stdout=logs["b"], stderr=subprocess.STDOUT, text=True)
+        _wait_for(lambda: _last_step(run_dir) >= 5, 120, "step 5 on 2 ranks")
+        node = psutil.Process(b.pid)
+        for proc in [*node.children(recursive=True), node]:
+            proc.kill()
+        assert a.wait(timeout=180) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:  # the agents and whatever they left running (a hung worker outlives its killed agent)
+        for agent_proc in filter(None, (a, b)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                tree = psutil.Process(agent_proc.pid)
+                for proc in [*tree.children(recursive=True), tree]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
+            agent_proc.wait()
+        for log in logs.values():
+            log.close()
+    out = (tmp_path / "a.log").read_text()
+    assert "a collective failed at step" in out and "elastic resume: 2 -> 1 ranks" in out, out[-3000:]
+    assert "rendezvous" in out and out.count("ranks (torchrun)") == 2, out[-3000:]
+    assert_epochs_exact(run_dir, old_world=2, new_world=1, resume_step=_resume_step(out))
+
+
 BF16 = {**COMMON, "train.precision": "bf16", "train.max_steps": 8, "checkpoint.every_steps": 4}
 SOURCE_STEP = 4
 
@@ -309,8 +360,9 @@ def test_bf16_zero_state_loads_exactly_on_another_world_size_and_stage(
 
 def test_bf16_zero1_resumes_on_one_rank_through_a_universal_checkpoint(demo_shards, bf16_killed, tmp_path):
     """bf16 ZeRO-1 from 2 ranks to 1: a kill between DeepSpeed's conversion and the publishing rename
-    leaves a partial directory that is never used; the next resume converts again, loads the universal
-    checkpoint (weights digest checked) and continues (no reset); the state it loaded is the checkpoint's."""
+    leaves a partial directory that is never used, and so is a complete one with a truncated file; the
+    resume converts again, loads the universal checkpoint (weights digest checked) and continues (no
+    reset); the state it loaded is the checkpoint's."""
     run_dir, probe = tmp_path / "run", tmp_path / "probe"
     shutil.copytree(bf16_killed(1), run_dir)
     straight = _records(run_dir)
@@ -320,6 +372,12 @@ def test_bf16_zero1_resumes_on_one_rank_through_a_universal_checkpoint(demo_shar
     assert _train(demo_shards, run_dir, "--resume", "auto", env=crash, **over).returncode != 0
     assert list(ckpts.glob(f".{tag(SOURCE_STEP)}.universal.partial-*"))
     assert not (ckpts / f"{tag(SOURCE_STEP)}.universal").exists()
+    # converted ahead by the command, then one moment file truncated: not used, converted again
+    converted = run_cli(["checkpoint", "universal", str(run_dir)])
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert json.loads(converted.stdout.splitlines()[-1])["converted"] is True
+    moments = sorted((ckpts / f"{tag(SOURCE_STEP)}.universal").rglob("exp_avg.pt"))
+    moments[0].write_bytes(moments[0].read_bytes()[:100])
     result = _train(demo_shards, run_dir, "--resume", "auto", launcher=probe_launcher(1, probe), **over)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "elastic resume: 2 -> 1 ranks, ZeRO 1 -> 1" in result.stdout and "converting" in result.stdout

@@ -361,19 +361,27 @@ class PretrainLoader:
                     worker_init_fn=_ignore_sigterm,
                 )
             )
-        for batch in stream:
-            cur = batch.pop("_cursor")
-            expected = self._consumed % spec.workers
-            if cur["worker"] != expected:
-                raise RuntimeError(f"data loader order broke: batch from worker {cur['worker']}, expected {expected}")
-            done = cur["batch"] + 1 == spec.batches_for(spec.plan(cur["epoch"], self._plans))
-            self._cursors[expected] = (
-                {"epoch": cur["epoch"] + 1, "batch": 0, "pos": 0}
-                if done
-                else {"epoch": cur["epoch"], "batch": cur["batch"] + 1, "pos": cur["pos"]}
-            )
-            self._consumed += 1
-            yield batch
+        try:
+            for batch in stream:
+                cur = batch.pop("_cursor")
+                expected = self._consumed % spec.workers
+                if cur["worker"] != expected:
+                    raise RuntimeError(
+                        f"data loader order broke: batch from worker {cur['worker']}, expected {expected}"
+                    )
+                done = cur["batch"] + 1 == spec.batches_for(spec.plan(cur["epoch"], self._plans))
+                self._cursors[expected] = (
+                    {"epoch": cur["epoch"] + 1, "batch": 0, "pos": 0}
+                    if done
+                    else {"epoch": cur["epoch"], "batch": cur["batch"] + 1, "pos": cur["pos"]}
+                )
+                self._consumed += 1
+                yield batch
+        finally:
+            # close() of this generator shuts the workers down now (DataLoader's iterator does it when
+            # freed). Left to interpreter exit, multiprocessing would SIGTERM them, which they ignore, and
+            # wait forever: an error exit of the rank would hang.
+            stream = None
 
     # ------------------------------------------------------------------------------ resume
 

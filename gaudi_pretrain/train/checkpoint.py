@@ -35,6 +35,7 @@ from gaudi_pretrain.train.checkpoint_dirs import (
     CLIENT_STATE,
     LATEST,
     checkpoints_dir,
+    list_files,
     prepare_tag,
     publish,
     read_pointer,
@@ -159,18 +160,8 @@ def write_run_files(ckpt_dir: Path, cfg: RunConfig, client: ClientState, state_d
     save_file(tensors, str(ckpt_dir / "model.safetensors"), metadata={"format": "pt"})
     save_config(cfg, ckpt_dir / "config.yaml")
     maybe_crash("save_weights", client.step)
-    client.files = list_files(ckpt_dir)
+    client.files = list_files(ckpt_dir, but=CLIENT_STATE)
     atomic_write_text(ckpt_dir / CLIENT_STATE, json.dumps(asdict(client), indent=1))
-
-
-def list_files(ckpt_dir: Path) -> dict[str, int]:
-    """Relative path → size of every file in a checkpoint directory except client_state.json."""
-    out = {}
-    for path in sorted(ckpt_dir.rglob("*")):
-        rel = path.relative_to(ckpt_dir).as_posix()
-        if path.is_file() and rel != CLIENT_STATE:
-            out[rel] = path.stat().st_size
-    return out
 
 
 def verify_files(ckpt_dir: Path, client: ClientState) -> None:
@@ -178,7 +169,7 @@ def verify_files(ckpt_dir: Path, client: ClientState) -> None:
     or added). Checkpoints written before the record existed (empty `files`) are not checked."""
     if not client.files:
         return
-    found = list_files(ckpt_dir)
+    found = list_files(ckpt_dir, but=CLIENT_STATE)
     for name, size in client.files.items():
         if name not in found:
             raise CheckpointError(f"{ckpt_dir / name} is missing: the checkpoint is incomplete")

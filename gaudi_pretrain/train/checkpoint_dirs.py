@@ -20,6 +20,16 @@ CLIENT_STATE = "client_state.json"  # written last by a save: a directory withou
 UNIVERSAL_SUFFIX = ".universal"  # `step_N.universal/`: DeepSpeed's re-cut copy of step_N (train/universal.py)
 
 
+def list_files(directory: Path, but: str) -> dict[str, int]:
+    """Relative path → size of every file under `directory` except the one named `but` (its record)."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel != but:
+            out[rel] = path.stat().st_size
+    return out
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

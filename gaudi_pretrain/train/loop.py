@@ -232,6 +232,7 @@ def run(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
             raise
         raise failure from None
     finally:
+        data_iter.close()  # the loader workers exit now, also on an error (see PretrainLoader.__iter__)
         preemption.close()
         if bar is not None:
             bar.close()

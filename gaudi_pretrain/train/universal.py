@@ -3,7 +3,8 @@ or ZeRO stage (docs/checkpoints.md, "Elastic resume").
 
 `<root>/step_N.universal/` sits beside the checkpoint it was converted from and is published by renaming
 a finished temporary directory whose marker records the source: a kill during conversion leaves only a
-`.partial` directory, which is never loaded and is removed by the next conversion.
+`.partial` directory, which is never loaded and is removed by the next conversion; a published one whose
+files differ from the marker's list (truncated, lost) is converted again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from gaudi_pretrain.errors import CheckpointError
-from gaudi_pretrain.train.checkpoint_dirs import CLIENT_STATE, UNIVERSAL_SUFFIX
+from gaudi_pretrain.train.checkpoint_dirs import CLIENT_STATE, UNIVERSAL_SUFFIX, list_files
 from gaudi_pretrain.train.faults import maybe_crash
 from gaudi_pretrain.utils import atomic_write_text
 
@@ -37,11 +38,16 @@ def _source_digest(ckpt: Path) -> str:
 
 def is_complete_universal(ckpt: Path) -> bool:
     """The universal directory of `ckpt` exists, finished, and was converted from this very save."""
+    folder = universal_dir(ckpt)
     try:
-        marker = json.loads((universal_dir(ckpt) / MARKER).read_text())
+        marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("source") == ckpt.name and marker.get("client_state_sha256") == _source_digest(ckpt)
+    return (
+        marker.get("source") == ckpt.name
+        and marker.get("client_state_sha256") == _source_digest(ckpt)
+        and marker.get("files") == list_files(folder, but=MARKER)  # nothing truncated, lost or added since
+    )
 
 
 def convert_to_universal(ckpt: Path, step: int = 0) -> Path:
@@ -86,6 +92,7 @@ def convert_to_universal(ckpt: Path, step: int = 0) -> Path:
         "client_state_sha256": _source_digest(ckpt),
         "deepspeed": deepspeed.__version__,
         "seconds": round(time.perf_counter() - started, 3),
+        "files": list_files(partial, but=MARKER),
     }
     atomic_write_text(partial / MARKER, json.dumps(marker, indent=1))
     os.rename(partial, final)
