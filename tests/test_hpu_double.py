@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, cli_env, free_port, tiny_overrides
 from torch import nn
 
@@ -612,3 +613,50 @@ def test_pmi_launch_across_nodes_rendezvous_at_rank_0_and_each_rank_takes_its_ca
     for rows in events.values():
         (hccl,) = [e for e in rows if e[0] == "hccl_env"]
         assert hccl[1] != "localhost" and hccl[3] == "0", hccl  # each rank: local rank 0 of its node, its card
+
+
+@pytest.mark.parametrize("deepspeed_version", sorted(DEEPSPEED_READS_PER_STEP))
+def test_the_large_preset_initializes_trains_and_saves_under_the_double(demo_shards, tmp_path, deepspeed_version):
+    """configs/bridgetower_large.yaml as shipped (backend auto → hpu, lazy mode, its gaudi_config.json,
+    bf16, ZeRO-1, clipping, its optimizer settings) through deepspeed.initialize of 0.19 and of 0.16.1,
+    two steps and a save; the one-line warning that lazy mode is a legacy fallback on this release. Only what a CPU cannot hold or fetch is replaced: the model dimensions and the
+    Hub initialisations by tiny.yaml's, the data by the demo set, the batch by 2 x 2."""
+    _, overlays = DEEPSPEED_READS_PER_STEP[deepspeed_version]
+    env = _double_env(tmp_path, *overlays)
+    tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    model = [f"model.{key}={json.dumps(value)}" for key, value in tiny["model"].items()]
+    run = tmp_path / "run"
+    over = {
+        "data.train_shards": f"['{demo_shards}/train/*.tar']",
+        "data.eval_shards": f"['{demo_shards}/eval/*.tar']",
+        "data.tokenizer": str(demo_shards / "tokenizer"),
+        "data.max_text_len": tiny["data"]["max_text_len"],
+        "data.num_workers": 0,
+        "model.init_vision_from": "null",
+        "model.init_text_from": "null",
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.max_steps": 2,
+        "train.output_dir": str(run),
+        "checkpoint.every_steps": 2,
+        "checkpoint.export_hf": "false",
+        "eval.every_steps": 1000,
+        "eval.max_samples": 8,
+        "eval.retrieval_samples": 0,
+        "logging.every_steps": 1,
+        "logging.progress_bar": "false",
+        "logging.tensorboard": "false",
+    }
+    args = ["--config", "configs/bridgetower_large.yaml", *model, *[f"{k}={v}" for k, v in over.items()]]
+    result = subprocess.run(
+        [sys.executable, "-m", "gaudi_pretrain", "train", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["backend"]["name"], saved["train"]["precision"], saved["train"]["zero_stage"]) == ("auto", "bf16", 1)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    rows = [e for events in _events(tmp_path).values() for e in events]
+    assert any(e[0] == "hccl_env" for e in rows), "backend auto did not take the (double's) Gaudi"
+    # the double is release 1.22 (tests/hpu_double/pyproject.toml): lazy mode is its legacy fallback
+    assert "Gaudi software 1.22.0 runs lazy mode as a legacy fallback" in result.stderr, result.stderr[-2000:]
