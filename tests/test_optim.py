@@ -274,3 +274,22 @@ def test_schedule_continues_by_samples_after_a_global_batch_change(optimizer):
     opt.step()
     again.step()
     assert lr(opt) == pytest.approx(1e-3 * f(6.0))
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "guarded"])
+def test_a_resume_with_a_longer_max_steps_follows_the_new_schedule(optimizer):
+    """The saved schedule state is its position only: warm-up and length come from the resuming run."""
+    cfg = OptimConfig(lr=1e-3, warmup_ratio=0.1)
+    make = torch.optim.AdamW if optimizer == "torch" else GuardedAdamW
+    opt = make(_params(1), lr=cfg.lr)
+    sched = make_scheduler(opt, cfg, max_steps=10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    longer_opt = make(_params(1), lr=cfg.lr)
+    longer = make_scheduler(longer_opt, cfg, max_steps=20)
+    longer.load_state_dict(sched.state_dict())
+    set_units_per_step(longer, 1.0)
+    longer_opt.step()
+    longer.step()
+    assert float(longer_opt.param_groups[0]["lr"]) == pytest.approx(1e-3 * lr_lambda(cfg, 20)(5))

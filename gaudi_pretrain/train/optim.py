@@ -111,7 +111,10 @@ def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[float], float]:
 
 class ScheduleClock:
     """LambdaLR's lambda: scheduler steps → schedule steps, `units_per_step` of them per step since
-    `base_step`. A callable object, so LambdaLR's state_dict carries its attributes."""
+    `base_step`. A callable object, so LambdaLR's state_dict carries its `STATE` (`HostSchedule`); the
+    warm-up and length come from the config of the run that loads it (a resume may extend max_steps)."""
+
+    STATE = ("base_step", "base_units", "units_per_step")
 
     def __init__(self, cfg: OptimConfig, max_steps: int):
         self.warmup, self.max_steps, self.end = int(cfg.warmup_ratio * max_steps), max_steps, cfg.end_lr_ratio
@@ -124,12 +127,21 @@ class ScheduleClock:
         return schedule_factor(self.units(step), self.warmup, self.max_steps, self.end)
 
 
+class HostSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR over `ScheduleClock`s whose saved state is the clocks' position only."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["lr_lambdas"] = [{k: clock[k] for k in ScheduleClock.STATE} for clock in state["lr_lambdas"]]
+        return state
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> Any:
     """The schedule over every group (each group's own lr, multiplier included, is the 1.0 point): on the
     device for an optimizer that skips on the device, else a torch LambdaLR."""
     if getattr(optimizer, "supports_device_skip", False):
         return DeviceSchedule(optimizer, cfg, max_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleClock(cfg, max_steps))
+    return HostSchedule(optimizer, ScheduleClock(cfg, max_steps))
 
 
 def set_units_per_step(scheduler: Any, units: float) -> None:
