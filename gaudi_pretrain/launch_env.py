@@ -34,7 +34,7 @@ def prepare(cfg: BackendConfig) -> DistInfo:
     """Before the process imports torch: who we are (the launcher's rank variables, and the rendezvous
     address) and the config's launch variables go into the environment. torch loads the Gaudi bridge on
     import, and its hccl module fills RANK / MASTER_ADDR=localhost / HLS_MODULE_ID from what it finds then
-    (gaudi-pytorch-bridge v1.19.0 python_packages/habana_frameworks/torch/distributed/hccl/__init__.py,
+    (gaudi-pytorch-bridge v1.19.0, python_packages/.../torch/distributed/hccl/__init__.py,
     `initialize_distributed_hpu()` at import; modelled by tests/hpu_double). Harmless when torch is already
     imported: the backend checks the bridge's mode."""
     info = discover()
