@@ -293,3 +293,16 @@ def test_a_resume_with_a_longer_max_steps_follows_the_new_schedule(optimizer):
     longer_opt.step()
     longer.step()
     assert float(longer_opt.param_groups[0]["lr"]) == pytest.approx(1e-3 * lr_lambda(cfg, 20)(5))
+
+
+def test_device_schedule_at_a_fractional_rate_does_not_accumulate_rounding():
+    """Late in a long run (100,000 schedule steps) at 0.96 of a step per step (4032 of 4096 samples): the
+    position after 1,000 more steps is exact to float32's resolution there, not off by the ~1 step that
+    adding a rounded 0.96 a thousand times would give."""
+    cfg = OptimConfig(lr=1e-3, warmup_ratio=0.0)
+    sched = DeviceSchedule(GuardedAdamW(_params(1), lr=cfg.lr), cfg, max_steps=200_000)
+    sched.load_state_dict({"applied_steps": 100_000})
+    set_units_per_step(sched, 0.96)
+    for _ in range(1000):
+        sched.step()
+    assert sched.state_dict()["applied_steps"] == pytest.approx(100_960, abs=0.01)

@@ -148,7 +148,7 @@ def set_units_per_step(scheduler: Any, units: float) -> None:
     """From now on each optimizer step advances `scheduler` (made by `make_scheduler`) by `units` of its
     steps: new global batch / the one `train.max_steps` counts."""
     if isinstance(scheduler, DeviceSchedule):
-        scheduler.units_per_step = units
+        scheduler.rebase(units)
         return
     step = scheduler.last_epoch
     for clock in scheduler.lr_lambdas:
@@ -244,12 +244,23 @@ class DeviceSchedule:
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.warmup, self.max_steps, self.end = int(cfg.warmup_ratio * max_steps), max_steps, cfg.end_lr_ratio
         device = next(p.device for group in optimizer.param_groups for p in group["params"])
-        self.applied = torch.zeros((), dtype=torch.float32, device=device)  # schedule steps
+        # schedule steps = base + counted x units_per_step: the applied optimizer steps are counted exactly
+        # (float32 integers) and scaled once, so a fractional rate does not accumulate rounding over a run
+        self.base = torch.zeros((), dtype=torch.float32, device=device)
+        self.counted = torch.zeros((), dtype=torch.float32, device=device)
         self.units_per_step = 1.0
         self._set_lrs()
 
+    def units(self) -> torch.Tensor:
+        return self.base + self.counted * self.units_per_step
+
+    def rebase(self, units_per_step: float) -> None:
+        """From here on `units_per_step` schedule steps per applied optimizer step."""
+        self.base, self.units_per_step = self.units(), units_per_step
+        self.counted.zero_()
+
     def factor(self) -> torch.Tensor:
-        a, warmup, end = self.applied, self.warmup, self.end
+        a, warmup, end = self.units(), self.warmup, self.end
         decay = end + (1.0 - end) * (1.0 - (a - warmup) / max(1, self.max_steps - warmup))
         f = torch.where(a < warmup, a / max(1, warmup), decay)
         return torch.where(a >= self.max_steps, torch.full_like(a, end), f)
@@ -261,17 +272,16 @@ class DeviceSchedule:
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         found_inf = getattr(self.optimizer, "found_inf", None)
-        ok = 1.0 if found_inf is None else 1.0 - found_inf.to(self.applied.device).float()
-        self.applied += ok * self.units_per_step
+        self.counted += 1.0 if found_inf is None else 1.0 - found_inf.to(self.counted.device).float()
         self._set_lrs()
 
     def get_last_lr(self) -> list[torch.Tensor]:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        applied = float(self.applied)
-        return {"applied_steps": int(applied) if applied.is_integer() else applied}
+        return {"applied_steps": float(self.units())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.applied.fill_(float(state["applied_steps"]))
+        self.base.fill_(float(state["applied_steps"]))
+        self.counted.zero_()
         self._set_lrs()
