@@ -132,8 +132,8 @@ SABOTAGES = [
         "non-finite",
         "the device lr schedule advances on a cancelled step",
         "gaudi_pretrain/train/optim.py",
-        "self.applied += 1.0 if found_inf is None else",
-        "self.applied += 1.0 if True else",
+        "self.counted += 1.0 if found_inf is None else",
+        "self.counted += 1.0 if True else",
         (
             "tests/test_optim.py::test_device_schedule_does_not_advance_on_a_cancelled_step_and_resumes",
             f"{T_REL}::test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_last_good_state",
@@ -225,9 +225,9 @@ SABOTAGES = [
         "split_overlap",
         "data",
         "neighbouring workers' sample ranges overlap by one sample",
-        "gaudi_pretrain/data/pipeline.py",
-        "return g * n // p, (g + 1) * n // p",
-        "return g * n // p, min(n, (g + 1) * n // p + 1)",
+        "gaudi_pretrain/data/epoch_plan.py",
+        "return index * length // parts, (index + 1) * length // parts",
+        "return index * length // parts, min(length, (index + 1) * length // parts + 1)",
         (f"{T_DATA}::test_two_ranks_two_workers_cover_dataset_exactly_once",),
     ),
     Sabotage(
@@ -275,7 +275,7 @@ SABOTAGES = [
         "resume",
         "the per-rank sample log is not cut back to the checkpoint on resume",
         "gaudi_pretrain/train/checkpoint.py",
-        "    sample_log.truncate(ctx.run_dir, ctx.dist.rank, client.step)\n",
+        "    sample_log.truncate(ctx.run_dir, rank, client.step)\n",
         "",
         (f"{T_REL}::test_kill_9_of_one_rank_mid_epoch_then_resume_uses_every_sample_once",),
     ),
@@ -383,12 +383,14 @@ SABOTAGES = [
         "evaluations and saves restart the throughput timer but keep its step count (the issue-16 bug)",
         "gaudi_pretrain/train/loop.py",
         "                timer.reset()  # the evaluation's time is not training throughput\n"
+        "            saved = None\n"
         "            if improved or s.step % cfg.checkpoint.every_steps == 0 or final:\n"
-        "                save_checkpoint(ctx, best=improved, evaluation=evaluation)\n"
+        "                saved = save_checkpoint(ctx, best=improved, evaluation=evaluation)\n"
         "                timer.reset()\n",
         "                timer.steps, _ = timer.steps, timer.reset()\n"
+        "            saved = None\n"
         "            if improved or s.step % cfg.checkpoint.every_steps == 0 or final:\n"
-        "                save_checkpoint(ctx, best=improved, evaluation=evaluation)\n"
+        "                saved = save_checkpoint(ctx, best=improved, evaluation=evaluation)\n"
         "                timer.steps, _ = timer.steps, timer.reset()\n",
         (f"{T_TRAIN}::test_best_checkpoint_is_kept_exported_and_throughput_windows_skip_pauses",),
     ),

@@ -4,6 +4,7 @@ generated from the schema. (ruff runs in `make test` before pytest.)"""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +111,15 @@ def test_every_config_field_has_a_description():
 
     missing = [path for path, field in iter_fields(RunConfig) if not field.description]
     assert missing == []
+
+
+def test_every_sabotage_still_finds_its_source_text():
+    """tests/sabotage.py replaces one exact piece of source per sabotage: when the code moves on, the
+    sabotage must move with it (the script would stop on a stale one only when someone runs it)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import sabotage
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    stale = [s.id for s in sabotage.SABOTAGES if (REPO / s.path).read_text().count(s.old) != 1]
+    assert not stale, f"stale sabotages (their text is gone or repeated): {stale}"
