@@ -32,6 +32,7 @@ COMMON = {
     "eval.every_steps": 1000,
     "eval.max_samples": 32,
     "eval.retrieval_samples": 0,
+    "model.dropout": 0.1,  # the demo config trains without dropout; resume must still restore its random stream
 }
 
 
@@ -315,21 +316,22 @@ def test_compiled_training_matches_eager(demo_shards, tmp_path):
 
 
 # Thresholds of the demo test, from the seeds × threads table in docs/testing.md (see its docstring).
-ITM_MIN, MLM_MIN, R1_MIN_TIMES_CHANCE = 0.85, 0.95, 2
+ITM_MIN, MLM_MIN, R1_MIN_TIMES_CHANCE = 0.93, 0.91, 5
+PROBE_MIN = {"itm_color": 0.9, "itm_position": 0.9, "mlm_color": 0.9, "mlm_position": 0.9, "mlm_shape": 0.45}
 
 
 def test_demo_learns_on_held_out_data(tmp_path):
     """README command (1), run as `make demo` runs it (no thread pin: torch takes the machine's cores), learns
-    the demo set: held-out MLM ≥ 0.95, ITM ≥ 0.85, retrieval R@1 ≥ 2 × chance, and, probed through its
-    transformers export on fresh drawings, MLM names colour, position and shape and ITM rejects captions
-    whose only error is a position word.
+    the demo set: held-out ITM ≥ 0.93, MLM ≥ 0.91, retrieval R@1 ≥ 5 × chance, and, probed through its
+    transformers export on fresh drawings, ITM rejects captions whose only error is the colour word or one
+    position word, and MLM names colour, position and (less surely) shape.
 
-    Why these numbers (docs/testing.md "Learning on the demo set", the seeds × threads table): learning
-    nothing gives ITM 0.50 / MLM ≤ 0.65; colour alone caps MLM at 0.75, colour + position at 0.89, so MLM
-    ≥ 0.95 needs all three attributes (worst measured cell 0.978). ITM is the weak objective: it always
-    learns position but colour only in some cells (worst 0.889, below the colour-only cap of 0.92), so its
-    threshold proves learning, not the issue's 0.95 target; the probe's position check is what shows it
-    reads more than colour.
+    Why these numbers (docs/testing.md "Learning on the demo set": the seeds × threads table and its margins):
+    learning nothing gives ITM 0.50 / MLM ≤ 0.65; colour alone caps ITM at 0.92 and MLM at 0.75, colour +
+    position caps MLM at 0.89. So ITM ≥ 0.93 needs more than colour and MLM ≥ 0.91 some shape, and each
+    sits below the worst measured cell by the margin noted there; the probes are at 0.99-1.00 in every cell
+    for colour and position (a model that skips one scores 0.5 on its ITM probe), the shape word is the
+    slowest attribute (chance 0.25).
     """
     env = cli_env()
     env.pop("OMP_NUM_THREADS")
@@ -341,8 +343,7 @@ def test_demo_learns_on_held_out_data(tmp_path):
     assert summary["r1_chance"] == pytest.approx(1 / 64, abs=1e-4)
     assert min(summary["ir_r1"], summary["tr_r1"]) >= R1_MIN_TIMES_CHANCE * summary["r1_chance"], summary
     probe = attribute_probe(tmp_path / "demo" / "hf")
-    assert probe["itm_position"] >= 0.9, probe  # a colour-only model scores 0.5 here
-    assert probe["mlm_color"] >= 0.9 and probe["mlm_position"] >= 0.9 and probe["mlm_shape"] >= 0.7, probe
+    assert all(probe[k] >= v for k, v in PROBE_MIN.items()), (probe, summary)
 
 
 @torch.no_grad()
