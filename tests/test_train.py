@@ -329,7 +329,7 @@ def test_demo_learns_on_held_out_data(tmp_path):
     Why these numbers (docs/testing.md "Learning on the demo set": the seeds × threads table and its margins):
     learning nothing gives ITM 0.50 / MLM ≤ 0.65; colour alone caps ITM at 0.92 and MLM at 0.75, colour +
     position caps MLM at 0.89. So ITM ≥ 0.93 needs more than colour and MLM ≥ 0.91 some shape, and each
-    sits below the worst measured cell by the margin noted there; the probes are at 0.99-1.00 in every cell
+    sits below the worst measured cell by the margin noted there; the probes are at 0.98-1.00 in every cell
     for colour and position (a model that skips one scores 0.5 on its ITM probe), the shape word is the
     slowest attribute (chance 0.25).
     """
