@@ -234,6 +234,15 @@ SABOTAGES = [
         (f"{T_DATA}::test_two_ranks_two_workers_cover_dataset_exactly_once",),
     ),
     Sabotage(
+        "workers_left_on_error",
+        "data",
+        "an error in a loader worker leaves the workers running (the rank's exit then hangs)",
+        "gaudi_pretrain/data/pipeline.py",
+        "            if shutdown is not None:\n                shutdown()\n",
+        "            if shutdown is not None:\n                pass\n",
+        (f"{T_DATA}::test_an_error_in_a_worker_shuts_the_workers_down",),
+    ),
+    Sabotage(
         "corrupt_uncounted",
         "data",
         "a sample that does not decode is dropped without being counted",

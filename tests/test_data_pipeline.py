@@ -143,6 +143,30 @@ def test_two_ranks_two_workers_cover_dataset_exactly_once(unequal_shards, tokeni
     assert set(per_rank[0]).isdisjoint(per_rank[1])
 
 
+def test_an_error_in_a_worker_shuts_the_workers_down(unequal_shards, tokenizer, monkeypatch):
+    """Workers ignore SIGTERM, and the error's traceback keeps the DataLoader iterator alive: left to
+    interpreter exit, multiprocessing would wait on them forever, so an error exit of a rank would hang."""
+    import multiprocessing
+
+    from gaudi_pretrain.data import pipeline
+
+    def disk_gone(*_args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(pipeline, "_decode", disk_gone)  # the workers fork after this, so they see it
+    root, _ = unequal_shards
+    loader = build_loader(make_cfg([root], workers=2), tokenizer)
+    try:
+        with pytest.raises(OSError, match="disk gone") as caught:
+            next(iter(loader))
+        assert caught.traceback  # held, as pytest and sys.last_traceback hold it
+        assert multiprocessing.active_children() == []
+    finally:  # a failure must not hang this test session the same way
+        for p in multiprocessing.active_children():
+            p.kill()
+            p.join()
+
+
 def test_epochs_reshuffle_and_resampled_mode_is_fixed_size(unequal_shards, tokenizer):
     root, keys = unequal_shards
     loader = build_loader(make_cfg([root], workers=0), tokenizer)

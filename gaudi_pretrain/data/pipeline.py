@@ -378,10 +378,12 @@ class PretrainLoader:
                 self._consumed += 1
                 yield batch
         finally:
-            # close() of this generator shuts the workers down now (DataLoader's iterator does it when
-            # freed). Left to interpreter exit, multiprocessing would SIGTERM them, which they ignore, and
-            # wait forever: an error exit of the rank would hang.
-            stream = None
+            # Shut the workers down here, on close() and on an error alike. Freeing the DataLoader's iterator
+            # is not enough: a propagating error's traceback keeps it alive, and at interpreter exit
+            # multiprocessing would SIGTERM the workers, which they ignore, and wait forever.
+            shutdown = getattr(stream, "_shutdown_workers", None)  # torch's own cleanup; idempotent
+            if shutdown is not None:
+                shutdown()
 
     # ------------------------------------------------------------------------------ resume
 
