@@ -6,7 +6,7 @@ tests that guard it: each sabotage must make at least one of them FAIL (an error
     python tests/sabotage.py --only compile_noop,lr_steps_on_skip
     python tests/sabotage.py --baseline   # the guarding tests on the unmodified copy (must all pass)
 
-Run by hand (about 25 minutes on 2 cores), not in CI. Each sabotage replaces one exact piece of source text;
+Run by hand (about 30 minutes on 2 cores, 5 of them the demo run), not in CI. Each sabotage replaces one exact piece of source text;
 when the source changes so that the text is gone, the script stops and names the stale sabotage, so the
 list moves with the code. The result table is in docs/testing.md.
 """
