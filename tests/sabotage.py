@@ -545,7 +545,7 @@ def sabotaged_text(sabotage: Sabotage, root: Path) -> str:
     return text.replace(sabotage.old, sabotage.new)
 
 
-def run_tests(root: Path, tests: tuple[str, ...], timeout_s: int = 300) -> tuple[str, list[tuple[str, str]], float]:
+def run_tests(root: Path, tests: tuple[str, ...], timeout_s: int) -> tuple[str, list[tuple[str, str]], float]:
     """('failed' | 'passed' | 'error', (failing node id, pytest's one-line reason or ''), seconds) of the
     guarding tests in `root`."""
     env = {k: v for k, v in os.environ.items() if k != "GAUDI_PRETRAIN_CRASH"}
